@@ -1,0 +1,30 @@
+"""Install with `make install` (it pins the CPU torch wheel first; see README)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="shirg-lavida",
+    version="0.1.0",
+    description="LaViDa (diffusion VLM) re-implementation with SHIRG static visual-token selection",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llava", "llava.*", "shirg_patches", "shirg_patches.*"]),
+    # torch is pinned by `make install` (torch==2.13.0, local CPU wheel) before this runs;
+    # the range below is satisfied by it, so pip installs no other torch build.
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "transformers>=4.50,<6",
+        "peft>=0.13,<1",
+        "einops>=0.7,<1",
+        "sentencepiece>=0.2,<1",
+        "safetensors>=0.4,<1",
+        "tokenizers>=0.20,<1",
+        "pillow>=10,<14",
+        "numpy>=1.26,<3",
+        "tqdm>=4.60,<5",
+        "matplotlib>=3.8,<4",
+    ],
+    extras_require={
+        "train": ["deepspeed>=0.15,<1", "accelerate>=1.0,<2"],
+        "gpu": ["flash-attn>=2.6,<3", "bitsandbytes>=0.45,<1"],
+        "dev": ["pytest>=8,<10"],
+    },
+)
