@@ -73,7 +73,17 @@ class PruneContext:
         return torch.Generator().manual_seed(int(self.seed))
 
 
-SelectFn = Callable[[PruneContext], torch.Tensor]
+@dataclass
+class Selection:
+    """What a method keeps. Index-style methods set only `indices`; merge-style methods
+    (VisionZip's contextual tokens) also give the replacement `tokens` [len(indices), D_lm],
+    placed at the kept positions so raster order still holds."""
+
+    indices: torch.Tensor
+    tokens: Optional[torch.Tensor] = None
+
+
+SelectFn = Callable[[PruneContext], "torch.Tensor | Selection"]
 
 
 def finalize_indices(indices: torch.Tensor, budget: int, num_tokens: int) -> torch.Tensor:

@@ -1,0 +1,24 @@
+"""User-facing errors. The CLI prints `error: <message>` for these, one line, no traceback.
+
+Anything else escaping to the top level is a bug and keeps its traceback.
+"""
+
+
+class LavidaError(Exception):
+    """Base class: a problem with the user's input, not with the code."""
+
+
+class ConfigError(LavidaError):
+    """config.json (or a config dict) is missing a key or holds an unsupported value."""
+
+
+class CheckpointError(LavidaError):
+    """A checkpoint folder is missing, partial, or its tensors do not match the model."""
+
+
+class ImageError(LavidaError):
+    """An image cannot be read or is unusable (corrupt, truncated, too small, too large)."""
+
+
+class InputError(LavidaError):
+    """A flag or argument value is invalid (bad prune method, lengths, ratios, empty question)."""
