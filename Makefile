@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test` (both install on first use).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The CPU torch wheel must be installed first: a bare `torch` requirement pulls a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+IMAGE ?= playground/images/demo.png
+QUESTION ?= What is the value of the tallest bar?
+
+.PHONY: install demo test test-shapes bench costmodel clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e ".[dev,train]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	@echo "== LaViDa pooled (default) =="
+	$(PY) -m llava.eval.run --image $(IMAGE) --question "$(QUESTION)" --prune_method pool
+	@echo "== LaViDa unpooled =="
+	$(PY) -m llava.eval.run --image $(IMAGE) --question "$(QUESTION)" --prune_method full
+	@echo "== SHIRG (global 256 + fovea 724) =="
+	$(PY) -m llava.eval.run --image $(IMAGE) --question "$(QUESTION)" --prune_method shirg --save_heatmap outputs/shirg_heatmap.png
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-shapes: $(STAMP)
+	$(PY) -m pytest -m shapes
+
+bench: $(STAMP)
+	$(PY) -m llava.eval.bench
+
+costmodel: $(STAMP)
+	$(PY) -m llava.eval.costmodel
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,163 @@
+"""Ask one question about one image: `python -m llava.eval.run --image PATH --question TEXT`.
+
+Prints the answer, how many visual tokens the LM saw, and per-stage wall times. Defaults to
+the built-in small model (random weights until a trained one ships: its answers are noise,
+the pipeline, token counts and timings are real) and the bundled demo image.
+
+`--steps` is the total number of diffusion steps for the whole answer; it is split evenly
+over the blocks (gen_length / block_length of them). Without it, one token is decoded per
+step (steps = gen_length), LaViDa's eval default.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from llava.conversation import build_prompt
+from llava.errors import InputError, LavidaError
+from llava.mm_utils import load_image, tokenizer_image_token
+from llava.utils import StageTimer, logger
+
+DEFAULT_IMAGE = Path(__file__).resolve().parents[2] / "playground" / "images" / "demo.png"
+DEFAULT_QUESTION = "What is the value of the tallest bar?"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shirg_patches import REGISTRY
+
+    p = argparse.ArgumentParser(prog="python -m llava.eval.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--image", default=str(DEFAULT_IMAGE), help="image file (default: bundled demo)")
+    p.add_argument("--question", default=DEFAULT_QUESTION)
+    p.add_argument("--model-path", default="builtin:lavida-small", help="local LaViDa folder or builtin:lavida-small")
+    p.add_argument("--prune_method", "--prune-method", default="lavida", choices=None,
+                   help=f"how visual tokens are produced: {', '.join(sorted(REGISTRY))} (default: lavida)")
+    pool = p.add_mutually_exclusive_group()
+    pool.add_argument("--pool", dest="pool", action="store_true", default=None, help="LaViDa 27->14 pooling on")
+    pool.add_argument("--no-pool", dest="pool", action="store_false", help="pooling off (3699 tokens for a square image)")
+    g = p.add_argument_group("diffusion sampler")
+    g.add_argument("--gen-length", type=int, default=32, help="answer slots L")
+    g.add_argument("--block-length", type=int, default=None, help="default: min(128, gen-length)")
+    g.add_argument("--steps", type=int, default=None, help="total diffusion steps (default: gen-length)")
+    g.add_argument("--schedule", default=None, help="None/linear/shift/cosine/logit_normal")
+    g.add_argument("--shift", type=float, default=None, help="alpha for --schedule shift (default 3)")
+    g.add_argument("--remasking", default="low_confidence", help="low_confidence/random/entropy/margin")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", help="recompute the prompt every step")
+    g.add_argument("--seed", type=int, default=0)
+    s = p.add_argument_group("prune methods")
+    s.add_argument("--keep_ratio", "--keep-ratio", type=float, default=None, help="SHIRG fovea keep ratio (default 724/1024)")
+    s.add_argument("--fovea", default=None, help="SHIRG fovea placement: center (default) or saliency")
+    s.add_argument("--shirg_score", "--shirg-score", default=None, help="attn|sim|v1|v2|random (default v1)")
+    s.add_argument("--budget", type=int, default=None, help="tokens kept by pruning baselines (default 980)")
+    s.add_argument("--save_heatmap", "--save-heatmap", default=None, metavar="PNG", help="SHIRG: write the kept-token picture")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def prune_options(args) -> dict:
+    from shirg_patches import get_method
+
+    method = get_method(args.prune_method)
+    opts = {"seed": args.seed}
+    shirg_only = {"keep_ratio": args.keep_ratio, "fovea": args.fovea, "score": args.shirg_score}
+    given = {k: v for k, v in shirg_only.items() if v is not None}
+    if method.name == "shirg":
+        opts.update(given)
+    elif given:
+        raise InputError(f"--{next(iter(given)).replace('score', 'shirg_score')} only applies to --prune_method shirg")
+    if args.budget is not None:
+        if method.select is None or method.name == "shirg":
+            raise InputError("--budget applies to the pruning baselines (random, stride, saint, topv, visionzip, divprune)")
+        opts["budget"] = args.budget
+    if args.save_heatmap and method.name != "shirg":
+        raise InputError("--save_heatmap needs --prune_method shirg")
+    return opts
+
+
+def run(args) -> dict:
+    from llava.model.builder import load_pretrained_model
+    from shirg_patches import get_method
+
+    method = get_method(args.prune_method)
+    question = args.question.strip()
+    if not question and method.name != "shirg":
+        raise InputError("--question is empty (only --prune_method shirg accepts that: it then ranks by attention alone)")
+    opts = prune_options(args)
+    block_length = args.block_length or min(128, args.gen_length)
+    if args.gen_length <= 0 or block_length <= 0:
+        raise InputError("--gen-length and --block-length must be positive")
+    if args.gen_length % block_length:
+        raise InputError(f"--gen-length {args.gen_length} is not divisible by --block-length {block_length}")
+
+    device = torch.device(args.device)
+    timer = StageTimer(device)
+    with timer("preprocess"):
+        image = load_image(args.image)
+    tokenizer, model, _, _ = load_pretrained_model(args.model_path, device=device)
+    prompt = build_prompt(question)
+    input_ids = tokenizer_image_token(prompt, tokenizer)
+    question_ids = tokenizer(question, add_special_tokens=False).input_ids if question else None
+    schedule_kwargs = {"shift": args.shift} if args.shift is not None else None
+    out = model.generate(
+        input_ids, [image], prune_method=method.name, question_ids=question_ids, prune_options=opts,
+        pool=args.pool, timer=timer, gen_length=args.gen_length, block_length=block_length, steps=args.steps,
+        temperature=args.temperature, remasking=args.remasking, schedule=args.schedule,
+        schedule_kwargs=schedule_kwargs, prefix_cache=args.prefix_cache,
+        generator=torch.Generator(device="cpu").manual_seed(args.seed),
+    )
+    answer = tokenizer.decode(out.tokens[0].tolist(), skip_special_tokens=True).lstrip("!").strip()
+    visual = out.visual[0]
+    if args.save_heatmap:
+        from shirg_patches.heatmap import save_heatmap
+
+        with timer("heatmap"):
+            save_heatmap(args.save_heatmap, image, visual.info["fovea_box"], visual.kept,
+                         scores=visual.info.get("scores"), title=f"SHIRG: {visual.lm_token_count} tokens")
+    return {
+        "answer": answer,
+        "visual_tokens": visual.lm_token_count,
+        "prompt_tokens": out.prompt_length,
+        "prune_method": method.name,
+        "candidates": visual.candidates,
+        "notes": {k: v for k, v in visual.info.items() if isinstance(v, (str, int, float))},
+        "nfe": out.generation.nfe,
+        "timings_ms": {k: round(v * 1000, 2) for k, v in timer.seconds.items()},
+        "steps": len(out.generation.step_seconds),
+        "image_size": list(image.size),
+    }
+
+
+def format_report(r: dict) -> str:
+    lines = [f"answer: {r['answer']!r}",
+             f"visual tokens: {r['visual_tokens']}  (method {r['prune_method']}, candidates {r['candidates']}, "
+             f"prompt {r['prompt_tokens']} tokens, image {r['image_size'][0]}x{r['image_size'][1]})"]
+    for k, v in r["notes"].items():
+        lines.append(f"  {k}: {v}")
+    lines.append(f"timings (ms), {r['steps']} diffusion steps, NFE {r['nfe']}:")
+    for stage, ms in r["timings_ms"].items():
+        extra = f"  ({ms / max(r['steps'], 1):.2f} per step)" if stage == "steps" else ""
+        lines.append(f"  {stage:<11}{ms:>10.2f}{extra}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr)
+    try:
+        report = run(args)
+    except LavidaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

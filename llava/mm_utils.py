@@ -1,0 +1,264 @@
+"""Image loading and validation, LaViDa's any-res views, token-count arithmetic and `tokenizer_image_token`.
+
+Everything here is pure PIL/numpy/torch so the token counts of the model can be asserted without running it.
+Sizes are (width, height) like PIL unless a name says rows/cols.
+"""
+
+import math
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from llava.constants import (
+    DEFAULT_GRID_PINPOINTS,
+    DEFAULT_IMAGE_TOKEN,
+    IMAGE_TOKEN_INDEX,
+    SIGLIP_IMAGE_SIZE,
+    SIGLIP_MEAN,
+    SIGLIP_PATCH_SIZE,
+    SIGLIP_STD,
+)
+from llava.errors import ImageError
+
+# Our own decompression-bomb limit, checked from the header before any pixel is decoded.
+MAX_IMAGE_PIXELS = 100_000_000
+# A side shorter than one SigLIP patch would leave a view with no image content at all.
+MIN_IMAGE_SIDE = SIGLIP_PATCH_SIZE
+
+# Exceptions PIL decoders raise on damaged pixel data (zlib.error comes straight from PNG inflate).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_image(source: str | Path | Image.Image) -> Image.Image:
+    """Open, validate and fully decode an image; return it as 8-bit RGB.
+
+    Validation happens on the header (size limits) before decoding, then the whole file is decoded so that
+    truncation surfaces here as an ImageError rather than later inside the model. PIL's global state
+    (`LOAD_TRUNCATED_IMAGES`, `MAX_IMAGE_PIXELS`) is left untouched.
+
+    Upstream parity notes: EXIF orientation is NOT applied (upstream feeds the stored pixel grid), RGBA/LA are
+    converted by dropping alpha (plain `.convert("RGB")`, no compositing on white), and multi-frame files
+    (GIF, APNG, TIFF) use their first frame.
+    """
+    if isinstance(source, Image.Image):
+        _check_size(source.size, "image")
+        try:
+            source.load()
+        except _DECODE_ERRORS as e:
+            raise ImageError(f"cannot decode image: {_decode_reason(e)}") from None
+        return _to_rgb(source)
+
+    path = Path(source)
+    if not path.exists():
+        raise ImageError(f"image file not found: {path}")
+    if not path.is_file():
+        raise ImageError(f"not a file: {path}")
+    with warnings.catch_warnings():
+        # PIL warns above its own limit (~89 MP); ours (checked below) is the one that decides.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                _check_size(image.size, str(path))
+                image.load()
+                return _to_rgb(image)
+        except Image.DecompressionBombError:
+            raise ImageError(f"{path}: image exceeds {MAX_IMAGE_PIXELS // 1_000_000} megapixels") from None
+        except UnidentifiedImageError:
+            raise ImageError(f"not an image or unsupported format: {path}") from None
+        except _DECODE_ERRORS as e:
+            raise ImageError(f"cannot decode {path}: {_decode_reason(e)}") from None
+
+
+def _check_size(size: tuple[int, int], name: str) -> None:
+    """Reject bombs and images too small for one SigLIP patch; uses only the header size."""
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(
+            f"{name}: image is {width}x{height} px, over the {MAX_IMAGE_PIXELS // 1_000_000} megapixel limit"
+        )
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise ImageError(f"image is {width}x{height} px; SigLIP needs at least {MIN_IMAGE_SIDE} px per side")
+
+
+def _decode_reason(error: Exception) -> str:
+    return "file is truncated" if "truncated" in str(error) else f"corrupt image data ({error})"
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB, rescaling high-bit-depth samples instead of clipping them.
+
+    PIL's own convert clips 16-bit and float samples to 255, which turns most 16-bit scans into white.
+    Rules: `I;16*` samples are 16-bit (divide by 65535); `I` (32-bit int) is treated as a 16-bit container when
+    its values fit in [0, 65535], else min-max stretched; `F` in [0, 1] is multiplied by 255, else min-max
+    stretched. Every other mode (1, L, LA, P incl. transparency, PA, RGBA, CMYK, YCbCr, …) goes through
+    `.convert("RGB")`, which drops alpha like upstream.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image).astype(np.float64)
+        if mode.startswith("I;16"):
+            scaled = values / 65535.0
+        elif mode == "I" and values.min() >= 0 and values.max() <= 65535:
+            scaled = values / 65535.0
+        elif mode == "F" and values.min() >= 0.0 and values.max() <= 1.0:
+            scaled = values
+        else:
+            low, high = values.min(), values.max()
+            scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        gray = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        # Same pixels as P→RGB, minus PIL's "convert to RGBA first" warning for byte transparency.
+        return image.convert("RGBA").convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError:
+        raise ImageError(f"unsupported image mode {mode!r}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Any-res views (LaViDa `anyres`: one distorted global view + tiles of the best-fitting grid)
+
+
+def image_to_tensor(image: Image.Image, size: int = SIGLIP_IMAGE_SIZE) -> torch.Tensor:
+    """SigLIP preprocessing: bicubic resize to exactly size×size (aspect not kept), /255, normalise → [3,size,size]."""
+    resized = _to_rgb(image).resize((size, size), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(SIGLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(SIGLIP_STD, dtype=torch.float32).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def select_best_resolution(
+    original_size: tuple[int, int], pinpoints=DEFAULT_GRID_PINPOINTS
+) -> tuple[int, int]:
+    """Pick the canvas (w, h) that keeps the most original pixels, then wastes the least canvas.
+
+    Effective pixels are capped at the original count, so upscaling earns nothing; exact ties keep the first.
+    """
+    width, height = original_size
+    best, best_effective, best_waste = None, -1, math.inf
+    for canvas_w, canvas_h in pinpoints:
+        scale = min(canvas_w / width, canvas_h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        waste = canvas_w * canvas_h - effective
+        if effective > best_effective or (effective == best_effective and waste < best_waste):
+            best, best_effective, best_waste = (canvas_w, canvas_h), effective, waste
+    return best
+
+
+def resize_and_pad_image(image: Image.Image, target_resolution: tuple[int, int]) -> Image.Image:
+    """Fit the image inside the target keeping aspect, centred on a black canvas (LaViDa pads with 0, not mean)."""
+    target_w, target_h = target_resolution
+    width, height = image.size
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        new_w, new_h = target_w, min(math.ceil(height * scale_w), target_h)
+    else:
+        new_w, new_h = min(math.ceil(width * scale_h), target_w), target_h
+    resized = _to_rgb(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (target_w, target_h), (0, 0, 0))
+    canvas.paste(resized, ((target_w - new_w) // 2, (target_h - new_h) // 2))
+    return canvas
+
+
+def divide_to_patches(image: Image.Image, patch_size: int = SIGLIP_IMAGE_SIZE) -> list[Image.Image]:
+    """Cut into patch_size squares, row-major (top row left→right first)."""
+    width, height = image.size
+    return [
+        image.crop((left, top, left + patch_size, top + patch_size))
+        for top in range(0, height, patch_size)
+        for left in range(0, width, patch_size)
+    ]
+
+
+def get_anyres_image_grid_shape(
+    image_size: tuple[int, int], pinpoints=DEFAULT_GRID_PINPOINTS, patch_size: int = SIGLIP_IMAGE_SIZE
+) -> tuple[int, int]:
+    """(cols, rows) of tiles chosen for an image of size (W, H)."""
+    canvas_w, canvas_h = select_best_resolution(image_size, pinpoints)
+    return canvas_w // patch_size, canvas_h // patch_size
+
+
+def process_anyres_image(
+    image: Image.Image, pinpoints=DEFAULT_GRID_PINPOINTS, patch_size: int = SIGLIP_IMAGE_SIZE
+) -> torch.Tensor:
+    """All views of one image as [V, 3, patch_size, patch_size]: global view first, then tiles row-major.
+
+    The global view is a plain distorting resize of the whole image: the published checkpoints were trained that
+    way (upstream's pad-to-square switch was never active in training).
+    """
+    canvas = resize_and_pad_image(image, select_best_resolution(image.size, pinpoints))
+    views = [image, *divide_to_patches(canvas, patch_size)]
+    return torch.stack([image_to_tensor(view, patch_size) for view in views])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token-count arithmetic of the `spatial_unpad` merge
+
+
+def unpad_bounds(image_size: tuple[int, int], grid_rows: int, grid_cols: int) -> tuple[int, int, int, int]:
+    """Rows/cols of the Hf×Wf tile-token map that cover the original image: (row_start, row_end, col_start, col_end).
+
+    Reproduces upstream exactly, float rounding included: the padded side keeps [pad, size − pad), which can be
+    one token more than the rescaled size when the padding is odd.
+    """
+    width, height = image_size
+    if width / height > grid_cols / grid_rows:
+        new_h = int(height * (grid_cols / width))
+        pad = (grid_rows - new_h) // 2
+        return pad, grid_rows - pad, 0, grid_cols
+    new_w = int(width * (grid_rows / height))
+    pad = (grid_cols - new_w) // 2
+    return 0, grid_rows, pad, grid_cols - pad
+
+
+def anyres_token_count(
+    image_size: tuple[int, int], pooled: bool, pinpoints=DEFAULT_GRID_PINPOINTS, patch_size: int = SIGLIP_IMAGE_SIZE
+) -> int:
+    """Image tokens LaViDa produces for one any-res image: base view n² + kept grid rows × (cols + newline).
+
+    n = 27 tokens per view side unpooled, ceil(27/2) = 14 after the bilinear 2× pool.
+    """
+    side = patch_size // SIGLIP_PATCH_SIZE
+    if pooled:
+        side = math.ceil(side / 2)
+    cols, rows = get_anyres_image_grid_shape(image_size, pinpoints, patch_size)
+    row_start, row_end, col_start, col_end = unpad_bounds(image_size, rows * side, cols * side)
+    return side * side + (row_end - row_start) * (col_end - col_start + 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt tokenisation
+
+
+def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX, return_tensors=None):
+    """Tokenise a prompt with `<image>` placeholders replaced by `image_token_index`.
+
+    Chunks between placeholders are tokenised separately without special tokens (LLaDA's tokenizer adds none
+    anyway; BOS comes from the chat template text). Upstream quirk, reproduced on purpose because the published
+    numbers depend on it: when the first chunk starts with BOS, the first token of EVERY chunk after an `<image>`
+    is dropped — with the standard prompt that is the newline following `<image>`.
+    """
+    chunks = [tokenizer(chunk, add_special_tokens=False).input_ids for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    starts_with_bos = bos is not None and len(chunks[0]) > 0 and chunks[0][0] == bos
+    input_ids = list(chunks[0])
+    for chunk in chunks[1:]:
+        input_ids.append(image_token_index)
+        input_ids.extend(chunk[1:] if starts_with_bos else chunk)
+    if return_tensors is None:
+        return input_ids
+    if return_tensors == "pt":
+        return torch.tensor(input_ids, dtype=torch.long)
+    raise ValueError(f"unsupported return_tensors {return_tensors!r}; use None or 'pt'")

@@ -1,0 +1,46 @@
+"""VisionZip-style pruning (after Yang et al., 2024): keep the tokens that receive the most
+attention (dominant) and fold the rest into a few contextual tokens.
+
+Unlike the paper, which merges inside the vision encoder before the projector, the merge here
+happens after the projector (averages of ctx.features), because the prune hook sits there.
+Everything is decided once, before the LM, so the prefix K/V cache stays valid for every
+diffusion step.
+"""
+import torch
+import torch.nn.functional as F
+
+from llava.errors import InputError
+from shirg_patches.baselines.random_stride import spread
+from shirg_patches.context import PruneContext, Selection, finalize_indices, top_k_indices
+
+
+def select_visionzip(ctx: PruneContext) -> Selection:
+    """Dominant: the round(dominant_ratio * budget) tokens with the highest ctx.attn_received,
+    kept as they are. Contextual: the remaining slots, evenly strided over the non-dominant
+    tokens (raster order); every other non-dominant token is averaged into its most similar
+    target (cosine on ctx.keys, else ctx.vision_features). When no slot is left (tiny budget)
+    the non-dominant tokens are simply dropped. Option: dominant_ratio (default 0.85)."""
+    if ctx.attn_received is None:
+        raise InputError("visionzip needs attention-received scores (ctx.attn_received)")
+    n_dom = round(ctx.options.get("dominant_ratio", 0.85) * ctx.budget)
+    dominant = top_k_indices(ctx.attn_received, n_dom)
+    rest = torch.ones(ctx.num_tokens, dtype=torch.bool, device=dominant.device)
+    rest[dominant] = False
+    rest = rest.nonzero().squeeze(1)
+    is_target = torch.zeros(rest.numel(), dtype=torch.bool, device=rest.device)
+    is_target[spread(ctx.budget - n_dom, rest.numel())] = True
+    targets, merged = rest[is_target], rest[~is_target]
+
+    feats = ctx.features.float()
+    sums, counts = feats[targets], feats.new_ones(targets.numel())
+    if targets.numel() and merged.numel():
+        k = ctx.keys if ctx.keys is not None else ctx.vision_features
+        k = F.normalize(k.float(), dim=-1)
+        nearest = (k[merged] @ k[targets].T).argmax(1)
+        sums.index_add_(0, nearest, feats[merged])
+        counts.index_add_(0, nearest, feats.new_ones(merged.numel()))
+
+    kept = torch.cat([dominant, targets])
+    tokens = torch.cat([feats[dominant], sums / counts[:, None]])[torch.argsort(kept)]
+    indices = finalize_indices(kept, ctx.budget, ctx.num_tokens)
+    return Selection(indices=indices, tokens=tokens.to(ctx.features.dtype))
