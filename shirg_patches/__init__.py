@@ -54,11 +54,26 @@ register(PruneMethod("full", "LaViDa unpooled: 5 views x 729 tokens, newline per
 
 def _register_methods() -> None:
     # imported here so `shirg_patches.context` stays importable on its own
+    from shirg_patches.baselines.divprune import select_divprune
+    from shirg_patches.baselines.random_stride import select_random, select_stride
+    from shirg_patches.baselines.saint import select_saint
+    from shirg_patches.baselines.topv import DEFAULT_TOPV_LAYER, select_topv
+    from shirg_patches.baselines.visionzip import select_visionzip
     from shirg_patches.shirg import select_shirg
 
     register(PruneMethod(
         "shirg", "SHIRG: global 384² -> 256 tokens + top-724 of a 448² fovea (1024) = 980",
         views=GLOBAL_FOVEA, select=select_shirg, needs_attention=True))
+    # Baselines prune LaViDa's unpooled any-res tokens (global 27x27 + unpadded tile grid) to --budget.
+    register(PruneMethod("random", "uniform random subset (seeded)", select=select_random))
+    register(PruneMethod("stride", "uniform spatial grid per view", select=select_stride))
+    register(PruneMethod("saint", "drop the most redundant tokens of the SigLIP-key cosine graph", select=select_saint,
+                         needs_keys=True))
+    register(PruneMethod("topv", "optimal-transport importance at an early LM layer, pruned once in prefill",
+                         select=select_topv, lm_layer=DEFAULT_TOPV_LAYER))
+    register(PruneMethod("visionzip", "top attention-received tokens + merged contextual tokens",
+                         select=select_visionzip, needs_attention=True, needs_keys=True))
+    register(PruneMethod("divprune", "greedy max-min diversity of the projected tokens", select=select_divprune))
 
 
 _register_methods()

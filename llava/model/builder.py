@@ -167,8 +167,19 @@ def load_pretrained_model(
         load_weights(model, state, str(model_path))
         del state
     model = model.to(device=device, dtype=dtype).eval()
-    image_processor = model.model.vision_tower.image_processor
+    image_processor = siglip_image_processor(model.model.vision_tower.image_size)
     return tokenizer, model, image_processor, model.config.mm.tokenizer_model_max_length
+
+
+def siglip_image_processor(size: int):
+    """An HF image processor with LaViDa's preprocessing (bicubic resize, mean/std 0.5), for
+    callers that expect upstream's 4-tuple; this package itself uses `llava.mm_utils`."""
+    try:  # transformers 5 names the torchvision-free processor separately
+        from transformers import SiglipImageProcessorPil as SiglipImageProcessor
+    except ImportError:
+        from transformers import SiglipImageProcessor
+
+    return SiglipImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
 def save_pretrained(model: LlavaLLaDAForCausalLM, tokenizer, folder: str | Path) -> Path:

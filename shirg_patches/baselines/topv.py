@@ -42,7 +42,7 @@ def topv_scores(layer_inputs: torch.Tensor, layer_outputs: torch.Tensor, positio
     start = 0
     for size in view_sizes or [n]:              # in-view pairs: replace sqrt 2 by real distance
         p = pos[start:start + size]
-        cost[start:start + size, start:start + size] += spatial_weight * (torch.cdist(p, p) - MAX_DIST)
+        cost[start:start + size, start:start + size] += torch.cdist(p, p).sub_(MAX_DIST).mul_(spatial_weight)
         start += size
     cost += centre_weight * (pos - 0.5).norm(dim=-1)[:, None]
     log_k = cost.div_(-epsilon)                 # the same buffer: log kernel = -C / eps

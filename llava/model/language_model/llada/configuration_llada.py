@@ -65,7 +65,9 @@ class LLaDAConfig:
         if self.embedding_size < self.vocab_size:
             raise ConfigError(f"embedding_size {self.embedding_size} is smaller than vocab_size {self.vocab_size}")
         if not 0 <= self.mask_token_id < self.embedding_size:
-            raise ConfigError(f"mask_token_id {self.mask_token_id} is outside the embedding ({self.embedding_size} rows)")
+            raise ConfigError(
+                f"mask_token_id {self.mask_token_id} is outside the embedding ({self.embedding_size} rows)"
+            )
 
     @property
     def head_dim(self) -> int:

@@ -104,14 +104,16 @@ def steps_per_block(
         raise InputError(f"--gen-length and --block-length must be positive, got {gen_length} and {block_length}")
     if gen_length % block_length:
         raise InputError(f"--gen-length {gen_length} is not divisible by --block-length {block_length}")
-    given = [name for name, v in (("steps", steps), ("step_per_block", step_per_block), ("step_ratio", step_ratio)) if v is not None]
+    options = {"steps": steps, "step_per_block": step_per_block, "step_ratio": step_ratio}
+    given = [name for name, value in options.items() if value is not None]
     if len(given) > 1:
         raise InputError(f"give at most one of steps / step_per_block / step_ratio, got {' and '.join(given)}")
     num_blocks = gen_length // block_length
     if steps is not None:
         if not 1 <= steps <= gen_length or steps % num_blocks:
             raise InputError(
-                f"--steps {steps} must be between 1 and --gen-length {gen_length} and divisible by the {num_blocks} block(s)"
+                f"--steps {steps} must be between 1 and --gen-length {gen_length} "
+                f"and divisible by the {num_blocks} block(s)"
             )
         return steps // num_blocks
     if step_per_block is not None:
@@ -192,7 +194,8 @@ def generate(
     prefix_cache=True: one prompt-only `prefill` (where `prune_hook` may drop prompt tokens), then each step
     runs only the response slots against the fixed cache. prefix_cache=False: each step runs the full
     [prompt; response] sequence, the prompt also seeing the response. Steps whose block has no masks left
-    are skipped and not counted. `on_step(step_index, tokens, cache)` is called after every executed step.
+    are skipped and not counted. `on_step(step_index, tokens, cache)` is called after every executed step
+    with the live [B, L] canvas (clone it to keep it). A `generator` must live on the prompt's device.
     """
     S = steps_per_block(gen_length, block_length, steps, step_per_block, step_ratio)
     schedule_kwargs = _check_schedule(schedule, schedule_kwargs)

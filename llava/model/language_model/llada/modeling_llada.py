@@ -91,7 +91,9 @@ def use_flash_attn(q: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> bool:
     )
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Bidirectional attention. q [B, H, T, hd], k/v [B, H_kv, S, hd] -> [B, H, T, hd].
     attn_mask (bool, True = may attend) broadcasts to [B, H, T, S]."""
     if use_flash_attn(q, attn_mask):
@@ -194,7 +196,8 @@ class LLaDAModel(nn.Module):
         cached = prefix_cache.layer_lengths() if prefix_cache is not None else [0] * self.config.n_layers
         if attention_mask is not None and any(attention_mask.shape[-1] != n + T for n in cached):
             raise InputError(
-                f"attention_mask covers {attention_mask.shape[-1]} keys but the layers see {sorted({n + T for n in cached})}"
+                f"attention_mask covers {attention_mask.shape[-1]} keys "
+                f"but the layers see {sorted({n + T for n in cached})}"
             )
         positions = torch.arange(start, start + T, device=inputs_embeds.device)
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
@@ -231,7 +234,9 @@ class LLaDAModel(nn.Module):
 def _check_keep(keep: torch.Tensor, length: int) -> torch.Tensor:
     """A prune hook is code, not user input: a bad index set is a bug, so fail loudly."""
     if keep.dim() != 1 or keep.dtype not in (torch.int32, torch.int64) or keep.numel() == 0:
-        raise RuntimeError(f"prune_hook must return a non-empty 1-D integer tensor, got {tuple(keep.shape)} {keep.dtype}")
+        raise RuntimeError(
+            f"prune_hook must return a non-empty 1-D integer tensor, got {tuple(keep.shape)} {keep.dtype}"
+        )
     if keep.min() < 0 or keep.max() >= length:
         raise RuntimeError(f"prune_hook returned an index outside [0, {length})")
     if torch.unique(keep).numel() != keep.numel():

@@ -1,0 +1,59 @@
+import time
+
+import pytest
+import torch
+
+from shirg_patches.baselines.saint import select_saint
+from shirg_patches.context import PruneContext
+
+VIEWS = [(27, 27), (54, 54)]  # global view + merged tile grid of a square image: N = 3645
+
+
+def make_ctx(views=VIEWS, budget=980, seed=0, d=8, **options):
+    n = sum(r * c for r, c in views)
+    g = torch.Generator().manual_seed(1234)
+    return PruneContext(features=torch.randn(n, d, generator=g), vision_features=torch.randn(n, d, generator=g),
+                        view_shapes=views, budget=budget, keys=torch.randn(n, d, generator=g), seed=seed,
+                        options=options)
+
+
+def check_contract(idx, ctx):
+    assert idx.dtype == torch.long and idx.shape == (ctx.budget,)
+    assert torch.all(idx[1:] > idx[:-1])  # sorted and unique
+    assert idx[0] >= 0 and idx[-1] < ctx.num_tokens
+
+
+@pytest.mark.parametrize("budget", [980, 3645, 1])
+def test_contract_and_determinism(budget):
+    ctx = make_ctx(budget=budget)
+    idx = select_saint(ctx)
+    check_contract(idx, ctx)
+    assert torch.equal(idx, select_saint(make_ctx(budget=budget)))
+
+
+def duplicated_keys():
+    """24 orthogonal keys on a 4x8 grid, 8 of them repeated (two triples, four pairs) at
+    scattered positions; every other token is unique. Returns keys and, for each distinct key,
+    the lowest index holding it."""
+    key_of = list(range(24)) + [3, 3, 17, 17, 5, 20, 9, 23]
+    order = torch.randperm(32, generator=torch.Generator().manual_seed(7))
+    key_of = torch.tensor(key_of)[order]
+    keys = torch.eye(24)[key_of]
+    first = torch.stack([(key_of == k).nonzero()[0, 0] for k in range(24)])
+    return keys, torch.sort(first).values
+
+
+@pytest.mark.parametrize("iters", [1, 3, 8])
+@pytest.mark.parametrize("use_keys", [True, False])
+def test_exact_duplicates_go_first_and_lowest_index_survives(iters, use_keys):
+    keys, expected = duplicated_keys()
+    ctx = PruneContext(features=torch.randn(32, 4), vision_features=keys, view_shapes=[(4, 8)], budget=24,
+                       keys=keys if use_keys else None, options={"iters": iters})
+    assert torch.equal(select_saint(ctx), expected)
+
+
+def test_timing_full_size():
+    ctx = make_ctx(d=64)
+    t = time.perf_counter()
+    select_saint(ctx)
+    print(f"\nselect_saint: {(time.perf_counter() - t) * 1e3:.1f} ms (N=3645, D=64, budget 980)")

@@ -1,0 +1,84 @@
+import time
+
+import pytest
+import torch
+
+from llava.errors import InputError
+from shirg_patches.baselines.topv import DEFAULT_TOPV_LAYER, select_topv, topv_scores
+from shirg_patches.context import PruneContext
+
+VIEWS = [(27, 27), (54, 54)]  # global view + merged tile grid of a square image: N = 3645
+SMALL_VIEWS = [(9, 9), (18, 18)]  # same layout at 1/3 scale: Sinkhorn on N = 3645 takes ~1 s on CPU
+
+
+def make_ctx(views=VIEWS, budget=980, seed=0, d=8, **options):
+    n = sum(r * c for r, c in views)
+    g = torch.Generator().manual_seed(1234)
+    return PruneContext(features=torch.randn(n, d, generator=g), vision_features=torch.randn(n, d, generator=g),
+                        view_shapes=views, budget=budget, seed=seed, options=options)
+
+
+def check_contract(idx, ctx):
+    assert idx.dtype == torch.long and idx.shape == (ctx.budget,)
+    assert torch.all(idx[1:] > idx[:-1])  # sorted and unique
+    assert idx[0] >= 0 and idx[-1] < ctx.num_tokens
+
+
+@pytest.mark.parametrize("budget", [109, 405, 1])
+def test_contract_and_determinism(budget):
+    ctx = make_ctx(views=SMALL_VIEWS, budget=budget)
+    idx = select_topv(ctx)
+    check_contract(idx, ctx)
+    assert torch.equal(idx, select_topv(make_ctx(views=SMALL_VIEWS, budget=budget)))
+
+
+def test_prefers_the_centre_when_features_are_equal():
+    ctx = PruneContext(features=torch.ones(81, 4), vision_features=torch.ones(81, 4), view_shapes=[(9, 9)],
+                       budget=9, options={"recovery_ratio": 0.0})
+    assert select_topv(ctx).tolist() == [30, 31, 32, 39, 40, 41, 48, 49, 50]  # the central 3x3
+    scores = topv_scores(ctx.features, ctx.features, ctx.positions()).view(9, 9)
+    assert scores[4, 4] == scores.max() and scores[0, 0] == scores.min()
+
+
+def test_each_view_has_its_own_centre():
+    views = [(5, 5), (9, 9)]
+    ctx = PruneContext(features=torch.ones(106, 4), vision_features=torch.ones(106, 4), view_shapes=views, budget=2)
+    scores = topv_scores(ctx.features, ctx.features, ctx.positions(), view_sizes=[25, 81])
+    assert sorted(torch.topk(scores, 2).indices.tolist()) == [12, 25 + 40]
+
+
+def test_uses_layer_states_and_drops_tokens_the_layer_overwrote():
+    ctx = make_ctx(views=[(12, 12)], budget=100, d=16)
+    g = torch.Generator().manual_seed(3)
+    inputs = torch.randn(144, 16, generator=g)
+    outputs = inputs.clone()
+    overwritten = torch.tensor([0, 17, 70, 71, 143])
+    outputs[overwritten] = torch.randn(5, 16, generator=g)
+    ctx.options.update(layer_inputs=inputs, layer_outputs=outputs, recovery_ratio=0.0)
+    kept = select_topv(ctx)
+    assert not set(overwritten.tolist()) & set(kept.tolist())
+
+
+def test_recovery_takes_evenly_strided_pruned_tokens():
+    ctx = PruneContext(features=torch.ones(81, 4), vision_features=torch.ones(81, 4), view_shapes=[(9, 9)],
+                       budget=10, options={"recovery_ratio": 0.1})
+    kept = set(select_topv(ctx).tolist())
+    centre = {30, 31, 32, 39, 40, 41, 48, 49, 50}
+    assert centre <= kept and len(kept - centre) == 1
+
+
+def test_half_given_layer_states_is_an_error():
+    ctx = make_ctx(views=[(4, 4)], budget=4, layer_inputs=torch.randn(16, 8))
+    with pytest.raises(InputError):
+        select_topv(ctx)
+
+
+def test_default_layer():
+    assert DEFAULT_TOPV_LAYER == 2
+
+
+def test_timing_full_size():
+    ctx = make_ctx(d=64)
+    t = time.perf_counter()
+    select_topv(ctx)
+    print(f"\nselect_topv: {(time.perf_counter() - t) * 1e3:.1f} ms (N=3645, D=64, budget 980, 10 Sinkhorn iters)")

@@ -1,0 +1,92 @@
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llava.errors import InputError
+from shirg_patches.baselines.visionzip import select_visionzip
+from shirg_patches.context import PruneContext, Selection
+
+VIEWS = [(27, 27), (54, 54)]  # global view + merged tile grid of a square image: N = 3645
+
+
+def make_ctx(views=VIEWS, budget=980, seed=0, d=8, **options):
+    n = sum(r * c for r, c in views)
+    g = torch.Generator().manual_seed(1234)
+    return PruneContext(features=torch.randn(n, d + 4, generator=g), vision_features=torch.randn(n, d, generator=g),
+                        view_shapes=views, budget=budget, attn_received=torch.rand(n, generator=g),
+                        keys=torch.randn(n, d, generator=g), seed=seed, options=options)
+
+
+def check_contract(sel, ctx):
+    assert isinstance(sel, Selection)
+    idx = sel.indices
+    assert idx.dtype == torch.long and idx.shape == (ctx.budget,)
+    assert torch.all(idx[1:] > idx[:-1])  # sorted and unique
+    assert idx[0] >= 0 and idx[-1] < ctx.num_tokens
+    assert sel.tokens.shape == (ctx.budget, ctx.features.shape[1]) and sel.tokens.dtype == ctx.features.dtype
+
+
+@pytest.mark.parametrize("budget", [980, 3645, 1])
+def test_contract_and_determinism(budget):
+    ctx = make_ctx(budget=budget)
+    sel = select_visionzip(ctx)
+    check_contract(sel, ctx)
+    again = select_visionzip(make_ctx(budget=budget))
+    assert torch.equal(sel.indices, again.indices) and torch.equal(sel.tokens, again.tokens)
+
+
+def test_full_budget_keeps_every_token_unchanged():
+    ctx = make_ctx(budget=3645)
+    sel = select_visionzip(ctx)
+    assert torch.equal(sel.tokens, ctx.features)
+
+
+def test_keeps_highest_attention_tokens_as_they_are():
+    ctx = make_ctx()
+    sel = select_visionzip(ctx)
+    dominant = torch.topk(ctx.attn_received, round(0.85 * 980)).indices
+    pos = torch.searchsorted(sel.indices, dominant)
+    assert torch.equal(sel.indices[pos], dominant)
+    assert torch.equal(sel.tokens[pos], ctx.features[dominant])
+
+
+@pytest.mark.parametrize("use_keys", [True, False])
+def test_contextual_tokens_are_averages_of_their_merged_tokens(use_keys):
+    ctx = make_ctx(views=[(6, 6)], budget=10, dominant_ratio=0.6)
+    if not use_keys:
+        ctx.keys = None
+    sel = select_visionzip(ctx)
+    k = F.normalize(ctx.keys if use_keys else ctx.vision_features, dim=-1)
+    dominant = set(torch.topk(ctx.attn_received, 6).indices.tolist())
+    targets = [i for i in sel.indices.tolist() if i not in dominant]
+    assert len(targets) == 4
+    groups = {t: [t] for t in targets}
+    for i in set(range(36)) - dominant - set(targets):  # brute force: nearest target by cosine
+        groups[max(targets, key=lambda t: float(k[i] @ k[t]))].append(i)
+    assert sum(len(g) > 1 for g in groups.values()) >= 2  # the case really merges
+    for row, i in enumerate(sel.indices.tolist()):
+        expected = ctx.features[groups[i]].mean(0) if i in groups else ctx.features[i]
+        assert torch.allclose(sel.tokens[row], expected, atol=1e-6)
+
+
+def test_contextual_targets_are_strided_over_the_rest():
+    ctx = make_ctx(views=[(10, 10)], budget=5, dominant_ratio=0.2)
+    ctx.attn_received = torch.zeros(100)
+    ctx.attn_received[0] = 1.0  # dominant: token 0; 4 targets over tokens 1..99
+    assert select_visionzip(ctx).indices.tolist() == [0, 13, 38, 62, 87]
+
+
+def test_needs_attention():
+    ctx = make_ctx(views=[(4, 4)], budget=4)
+    ctx.attn_received = None
+    with pytest.raises(InputError):
+        select_visionzip(ctx)
+
+
+def test_timing_full_size():
+    ctx = make_ctx(d=64)
+    t = time.perf_counter()
+    select_visionzip(ctx)
+    print(f"\nselect_visionzip: {(time.perf_counter() - t) * 1e3:.1f} ms (N=3645, D=64, budget 980)")
