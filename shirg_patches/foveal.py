@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from llava.constants import FOVEA_SIZE, SIGLIP_IMAGE_SIZE, SIGLIP_MEAN, SIGLIP_STD
+from llava.constants import FOVEA_SIZE, SIGLIP_IMAGE_SIZE
+from llava.mm_utils import image_to_tensor
 from llava.errors import InputError
 
 FOVEA_MODES = ("center", "saliency")
@@ -102,14 +102,8 @@ def global_view(image: Image.Image, size: int = SIGLIP_IMAGE_SIZE) -> Image.Imag
 
 
 def to_pixel_values(image: Image.Image, size: int) -> torch.Tensor:
-    """PIL → [1, 3, size, size] SigLIP input: bicubic resize, /255, normalise with mean/std 0.5."""
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(SIGLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(SIGLIP_STD).view(3, 1, 1)
-    return ((x - mean) / std)[None].contiguous()
+    """PIL → [1, 3, size, size] SigLIP input (the same preprocessing as LaViDa's views)."""
+    return image_to_tensor(image, size).unsqueeze(0)
 
 
 def box_to_token_rects(box: tuple[int, int, int, int], grid: int = FOVEA_GRID) -> torch.Tensor:

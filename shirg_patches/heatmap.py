@@ -42,7 +42,9 @@ def _token_colors(kept_mask: torch.Tensor, scores: Optional[torch.Tensor]) -> np
 def _draw(image: Image.Image, box, kept_indices: torch.Tensor, scores, title: Optional[str], grid: int) -> Figure:
     w, h = image.size
     n = grid * grid
-    kept = torch.as_tensor(kept_indices, dtype=torch.long).flatten()
+    # the model's tensors may live on the GPU or carry grad; drawing needs plain CPU values
+    kept = torch.as_tensor(kept_indices, dtype=torch.long).detach().cpu().flatten()
+    scores = None if scores is None else torch.as_tensor(scores).detach().cpu().flatten()
     if kept.numel() and (kept.min() < 0 or kept.max() >= n):
         raise ValueError(f"kept indices must be in [0, {n})")
     if scores is not None and scores.numel() != n:
@@ -72,6 +74,18 @@ def _draw(image: Image.Image, box, kept_indices: torch.Tensor, scores, title: Op
     return fig
 
 
+def check_heatmap_path(path) -> str:
+    """Validate a heat-map destination without touching the disk; returns the image format.
+    The CLI calls this before loading the model so a bad path fails fast."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"heat-map path {path} is a directory")
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    if fmt not in FigureCanvasAgg.get_supported_filetypes():
+        raise InputError(f"heat-map format {fmt!r} is not supported; use .png")
+    return fmt
+
+
 def save_heatmap(
     path,
     image: Image.Image,
@@ -84,11 +98,7 @@ def save_heatmap(
     """Write the picture to `path` (format from the suffix, PNG by default). Written to a temp
     file in the same folder and renamed, so a failure never leaves a half-written image."""
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"heat-map path {path} is a directory")
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    if fmt not in FigureCanvasAgg.get_supported_filetypes():
-        raise InputError(f"heat-map format {fmt!r} is not supported; use .png")
+    fmt = check_heatmap_path(path)
     fig = _draw(image, fovea_box, kept_indices, scores, title, grid)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ import torch
 from llava.conversation import build_prompt
 from llava.errors import InputError, LavidaError
 from llava.mm_utils import load_image, tokenizer_image_token
+from llava.model.language_model.llada.generate import steps_per_block
 from llava.utils import StageTimer, logger
 
 DEFAULT_IMAGE = Path(__file__).resolve().parents[2] / "playground" / "images" / "demo.png"
@@ -75,9 +76,28 @@ def prune_options(args) -> dict:
     if args.budget is not None:
         if method.select is None or method.name == "shirg":
             raise InputError("--budget applies to the pruning baselines (random, stride, saint, topv, visionzip, divprune)")
+        if args.budget < 1:  # checked here: the model treats a budget of 0 as "use the default"
+            raise InputError(f"--budget must be at least 1, got {args.budget}")
         opts["budget"] = args.budget
-    if args.save_heatmap and method.name != "shirg":
+    if args.save_heatmap is not None and method.name != "shirg":
         raise InputError("--save_heatmap needs --prune_method shirg")
+    if args.pool and method.select is not None:
+        raise InputError(f"--prune_method {method.name} never pools; drop --pool")
+    if method.name == "shirg":  # fail before loading the model, not after encoding the image
+        from shirg_patches.foveal import FOVEA_MODES
+        from shirg_patches.scoring import SCORE_MODES
+        from shirg_patches.shirg import keep_count
+
+        if args.keep_ratio is not None:
+            keep_count(args.keep_ratio)
+        if args.fovea is not None and args.fovea not in FOVEA_MODES:
+            raise InputError(f"unknown --fovea {args.fovea!r}; choose one of: {', '.join(FOVEA_MODES)}")
+        if args.shirg_score is not None and args.shirg_score not in SCORE_MODES:
+            raise InputError(f"unknown --shirg_score {args.shirg_score!r}; choose one of: {', '.join(SCORE_MODES)}")
+        if args.save_heatmap is not None:
+            from shirg_patches.heatmap import check_heatmap_path
+
+            check_heatmap_path(args.save_heatmap)
     return opts
 
 
@@ -90,13 +110,19 @@ def run(args) -> dict:
     if not question and method.name != "shirg":
         raise InputError("--question is empty (only --prune_method shirg accepts that: it then ranks by attention alone)")
     opts = prune_options(args)
-    block_length = args.block_length or min(128, args.gen_length)
+    block_length = args.block_length if args.block_length is not None else min(128, args.gen_length)
     if args.gen_length <= 0 or block_length <= 0:
         raise InputError("--gen-length and --block-length must be positive")
     if args.gen_length % block_length:
         raise InputError(f"--gen-length {args.gen_length} is not divisible by --block-length {block_length}")
+    steps_per_block(args.gen_length, block_length, args.steps)  # validates --steps before the model loads
 
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise InputError(f"unknown --device {args.device!r}; use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but CUDA is not available; use --device cpu")
     timer = StageTimer(device)
     with timer("preprocess"):
         image = load_image(args.image)
@@ -149,7 +175,9 @@ def format_report(r: dict) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr)
+    # WARNING, not INFO: the pooling decision is already in the report's notes, and an error
+    # must be the only line on stderr
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s", stream=sys.stderr)
     try:
         report = run(args)
     except LavidaError as e:

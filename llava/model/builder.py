@@ -14,7 +14,7 @@ import json
 import math
 import os
 import shutil
-import tempfile
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -155,7 +155,7 @@ def load_pretrained_model(
     device = torch.device(device)
     dtype = torch_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if str(model_path) == SMALL_MODEL_NAME:
-        tokenizer, model = build_small_model()
+        tokenizer, model = build_small_model(config_overrides=config_overrides)
     else:
         raw = read_config(model_path)
         raw.update(config_overrides or {})
@@ -188,19 +188,32 @@ def save_pretrained(model: LlavaLLaDAForCausalLM, tokenizer, folder: str | Path)
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{str(folder)!r} exists and is not a folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    # mkdir (not mkdtemp, which is always 0700) so the checkpoint gets the usual umask permissions
+    tmp = folder.parent / f"{folder.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    old = tmp.with_name(tmp.name + "-old")  # unique because tmp is
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2))
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         tokenizer.save_pretrained(str(tmp))
+        # Move the old checkpoint aside (not delete) until the new one is in place, so a failure
+        # of the final rename puts it back instead of losing it.
         if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+            os.replace(folder, old)
+        try:
+            os.replace(tmp, folder)
+        except BaseException:
+            if old.exists():
+                os.replace(old, folder)
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
@@ -275,10 +288,11 @@ def small_model_config(tokenizer) -> dict:
     }
 
 
-def build_small_model(seed: int = 0):
-    """(tokenizer, model) of the built-in small LaViDa: random weights, LLaDA-style init."""
+def build_small_model(seed: int = 0, config_overrides: Optional[dict] = None):
+    """(tokenizer, model) of the built-in small LaViDa: random weights, LLaDA-style init.
+    `config_overrides` replaces config keys (e.g. `mm_patch_merge_type`) before building."""
     tokenizer = build_small_tokenizer()
-    config = LlavaLLaDAConfig.from_dict(small_model_config(tokenizer))
+    config = LlavaLLaDAConfig.from_dict({**small_model_config(tokenizer), **(config_overrides or {})})
     gen = torch.Generator().manual_seed(seed)
     model = LlavaLLaDAForCausalLM(config)
     with torch.no_grad():

@@ -341,7 +341,8 @@ class LlavaMetaForCausalLM:
             global_tokens = shirg.resize_global_tokens(g_proj)
             tokens = shirg.assemble_tokens(global_tokens, f_proj, kept)
         info = {"fovea_box": box, "fovea": fovea_mode, "keep_ratio": keep_ratio, "global_tokens": global_tokens.shape[0],
-                "pooling": "pooling off (SHIRG views)", **_public(ctx.options)}
+                "pooling": "pooling off (SHIRG views)", "scores": ctx.options.get("shirg_scores"),
+                **_public(ctx.options)}
         return VisualTokens(tokens, method.name, global_tokens.shape[0] + ctx.num_tokens,
                             [(16, 16), (side, side)], kept=kept, info=info)
 
@@ -350,7 +351,11 @@ class LlavaMetaForCausalLM:
         self, input_ids: Sequence[int] | torch.Tensor, visual: Sequence[VisualTokens]
     ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Splice each image's tokens at its -200 placeholder; returns ([1, P, D], image spans)."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long).flatten().tolist()
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1) or ids.numel() == 0:
+            # flattening a [B>1, T] batch would silently glue the prompts into one
+            raise InputError(f"expected one non-empty prompt ([T] or [1, T] ids), got shape {tuple(ids.shape)}")
+        ids = ids.flatten().tolist()
         n_images = sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
         if n_images != len(visual):
             raise InputError(f"prompt has {n_images} <image> placeholders but {len(visual)} images were given")
@@ -385,7 +390,8 @@ class LlavaMetaForCausalLM:
 
 
 def _pop_budget(options: dict, candidates: int) -> int:
-    budget = int(options.pop("budget", None) or DEFAULT_BUDGET)
+    budget = options.pop("budget", None)
+    budget = DEFAULT_BUDGET if budget is None else int(budget)
     if not 1 <= budget <= candidates:
         raise InputError(f"--budget {budget} must be between 1 and the {candidates} candidate tokens")
     return budget

@@ -20,7 +20,7 @@ def select_divprune(ctx: PruneContext) -> torch.Tensor:
     Tracks each token's highest similarity to the selected set (distance = 1 - similarity), so
     each step is one [N, D] x [D] product; no N x N matrix and no host sync per step. Ties go
     to the lower index."""
-    x = F.normalize(ctx.features.float(), dim=-1)
+    x = F.normalize(ctx.features.detach().float(), dim=-1)  # indices carry no gradient; out= needs none
     picks = torch.empty(ctx.budget, dtype=torch.long, device=x.device)
     picks[0] = torch.argmin(x @ x.sum(0))
     nearest_sim = x @ x[picks[0]]

@@ -34,8 +34,9 @@ def topv_scores(layer_inputs: torch.Tensor, layer_outputs: torch.Tensor, positio
     """[N] importance (higher = keep). view_sizes: tokens per view, in order (None = one view).
     Peak memory is two N x N fp32 matrices (the log kernel and one work buffer)."""
     n = layer_inputs.shape[0]
-    x = F.normalize(layer_inputs.float(), dim=-1)
-    y = F.normalize(layer_outputs.float(), dim=-1)
+    # detached: the scores only rank, and the in-place / out= ops below fail under autograd
+    x = F.normalize(layer_inputs.detach().float(), dim=-1)
+    y = F.normalize(layer_outputs.detach().float(), dim=-1)
     pos = positions.to(x.device, torch.float32)
     cost = x @ y.T                              # becomes the cost in place
     cost.neg_().add_(1 + spatial_weight * MAX_DIST)

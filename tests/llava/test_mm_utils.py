@@ -47,6 +47,7 @@ TABLE = {
 }
 
 
+@pytest.mark.shapes
 @pytest.mark.parametrize(
     "size, best",
     [
@@ -79,6 +80,7 @@ def test_token_table(size):
     assert anyres_token_count(size, pooled=False) == unpooled
 
 
+@pytest.mark.shapes
 def test_unpad_bounds_keeps_centre():
     # 640x480 on a 28x28 map: rescaled height 21, pad 3 each side -> rows [3, 25) (one more than 21)
     assert unpad_bounds((640, 480), 28, 28) == (3, 25, 0, 28)

@@ -54,6 +54,7 @@ def test_fovea_box_errors():
         fovea_box((1000, 1000), mode="saliency")
 
 
+@pytest.mark.shapes
 @pytest.mark.parametrize("size", [(1000, 800), (300, 200), (14, 4000), (4000, 14)])
 def test_views_have_fixed_size(size):
     img = Image.new("RGB", size, (10, 20, 30))
@@ -69,6 +70,7 @@ def test_native_fovea_is_an_unscaled_crop():
     assert fovea_view(img, box).tobytes() == img.crop(box).tobytes()
 
 
+@pytest.mark.shapes
 def test_to_pixel_values():
     white = to_pixel_values(Image.new("RGB", (50, 70), (255, 255, 255)), 384)
     assert white.shape == (1, 3, 384, 384) and white.dtype == torch.float32

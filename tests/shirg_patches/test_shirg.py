@@ -33,6 +33,7 @@ def _ctx(budget=724, attn=None, q=None, seed=0, **options):
     )
 
 
+@pytest.mark.shapes
 @pytest.mark.parametrize("ratio,k", [(DEFAULT_KEEP_RATIO, 724), (0.40, 410), (0.766, 784), (0.80, 819), (1.0, 1024)])
 def test_keep_count(ratio, k):
     assert keep_count(ratio) == k
@@ -71,6 +72,7 @@ def test_select_keeps_highest_scores():
     assert torch.equal(sel.indices, torch.sort(hot).values)
 
 
+@pytest.mark.shapes
 @pytest.mark.parametrize("batched", [False, True])
 def test_resize_global_tokens_matches_interpolate(batched):
     tokens = torch.randn(729, 12)
@@ -82,6 +84,7 @@ def test_resize_global_tokens_matches_interpolate(batched):
         resize_global_tokens(torch.randn(700, 12))
 
 
+@pytest.mark.shapes
 def test_assemble_count():
     glob, fov = torch.randn(256, 8), torch.randn(1024, 8)
     kept = torch.sort(torch.randperm(1024, generator=torch.Generator().manual_seed(0))[:724]).values

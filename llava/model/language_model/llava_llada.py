@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 from transformers import SiglipVisionConfig
 
-from llava.errors import ConfigError
+from llava.errors import ConfigError, InputError
 from llava.model.language_model.llada.configuration_llada import LLaDAConfig
 from llava.model.language_model.llada.generate import GenerationOutput, generate as llada_generate
 from llava.model.language_model.llada.modeling_llada import LLaDAModel
@@ -132,6 +132,11 @@ class LlavaLLaDAForCausalLM(nn.Module, LlavaMetaForCausalLM):
         visual = [self.encode_image(img, prune_method, question_ids, prune_options, pool, timer) for img in images]
         with timer("embed"):
             embeds, spans = self.prepare_inputs_embeds(input_ids, visual)
+        n_layers = self.config.llada.n_layers
+        for v in visual:
+            if v.lm_layer is not None and v.lm_layer >= n_layers - 1:
+                raise InputError(f"--prune_method {v.method} prunes after LM layer {v.lm_layer}, "
+                                 f"but the model has only {n_layers} layers")
         hook = make_lm_prune_hook(visual, spans)
         out = llada_generate(self.model, embeds, prune_hook=hook, **gen_kwargs)
         if out.prefill_seconds:

@@ -45,6 +45,7 @@ def test_cost_roofline():
     assert cm.Cost(flops=100, act_bytes=50).bound(gpu) == "memory"
 
 
+@pytest.mark.shapes
 def test_token_counts():
     dims = cm.ModelDims()
     assert dims.vision.tokens(384) == 729 and dims.vision.tokens(448) == 1024

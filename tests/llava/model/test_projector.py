@@ -8,6 +8,7 @@ from llava.errors import ConfigError
 from llava.model.multimodal_projector.builder import build_vision_projector
 
 
+@pytest.mark.shapes
 def test_mlp2x_gelu_keys_and_shapes():
     projector = build_vision_projector("mlp2x_gelu", 24, 40)
     shapes = {k: tuple(v.shape) for k, v in projector.state_dict().items()}

@@ -45,6 +45,7 @@ def test_so400m_config():
     assert config.hidden_act == "gelu_pytorch_tanh" and config.layer_norm_eps == 1e-6
 
 
+@pytest.mark.shapes
 def test_so400m_tower_layout_on_meta():
     """Spec §1.4 shapes for the real tower, built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
@@ -98,6 +99,7 @@ def test_features_are_penultimate_of_full_model(tower):
     torch.testing.assert_close(tower(pixels).features, full(pixels, output_hidden_states=True).hidden_states[-2])
 
 
+@pytest.mark.shapes
 @torch.no_grad()
 def test_448_interpolates_positions_bicubic(tower):
     pixels = torch.randn(1, 3, 448, 448)

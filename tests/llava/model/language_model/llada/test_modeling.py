@@ -81,6 +81,7 @@ def test_rope_matches_complex_rotation():
     assert cos.dtype == torch.float32 and apply_rope(x.bfloat16(), cos, sin).dtype == torch.bfloat16
 
 
+@pytest.mark.shapes
 def test_state_dict_key_names():
     model = make_model()
     block_keys = ["attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm", "ff_proj", "up_proj", "ff_out"]

@@ -1,0 +1,221 @@
+"""The CLI end to end (`llava.eval.run.main`) on the built-in small model.
+
+The model is the session `small_model`, handed to the CLI through `build_small_model` so no
+test pays for a rebuild. `main` configures logging itself; `cli` lets it write to the captured
+stderr exactly as it would in a terminal, so "one line on stderr" is really checked.
+"""
+import json
+import logging
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import llava.model.builder as builder
+from llava.eval.run import main
+
+FAST = ("--gen-length", "8", "--steps", "4")
+STAGES = {"preprocess", "vision", "projector", "prefill", "steps"}
+
+
+@pytest.fixture
+def cli(small_model, monkeypatch, capsys):
+    real = builder.build_small_model
+
+    def cached(*args, **kwargs):  # the default small model is the session one; anything else is built
+        return small_model if not args and not any(kwargs.values()) else real(*args, **kwargs)
+
+    monkeypatch.setattr(builder, "build_small_model", cached)
+
+    def call(*argv):
+        root = logging.getLogger()
+        saved, level = root.handlers[:], root.level
+        root.handlers[:] = []  # so main's basicConfig really installs its stderr handler
+        try:
+            code = main([str(a) for a in argv])
+        finally:
+            root.handlers[:] = saved
+            root.setLevel(level)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
+
+
+def noise(path, w, h, mode="RGB", seed=0, fmt=None):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode).save(path, format=fmt)
+    return path
+
+
+def png_header_only(w, h):
+    """A PNG whose IHDR claims w x h pixels and that has no pixel data at all."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def visual_tokens(out):
+    line = next(l for l in out.splitlines() if l.startswith("visual tokens:"))
+    return int(line.split()[2])
+
+
+# ---- token counts and the report ---------------------------------------------------------------
+@pytest.mark.parametrize("method, count", [("pool", 1008), ("full", 3699)])
+def test_lavida_counts_for_square_hd_image(cli, tmp_path, method, count):
+    img = noise(tmp_path / "sq.png", 768, 768)
+    code, out, err = cli("--image", img, "--prune_method", method, *FAST)
+    assert code == 0 and err == ""
+    assert f"visual tokens: {count}  (method {method}" in out
+    assert "image 768x768" in out and "4 diffusion steps" in out
+
+
+@pytest.mark.parametrize("method, count, selection", [("pool", 1008, False), ("shirg", 980, True), ("stride", 980, True)])
+def test_json_report(cli, tmp_path, method, count, selection):
+    img = noise(tmp_path / "sq.png", 768, 768)
+    code, out, _ = cli("--image", img, "--prune_method", method, "--json", *FAST)
+    assert code == 0
+    r = json.loads(out)
+    assert isinstance(r["answer"], str) and len(r["answer"]) <= 8 * 8
+    assert r["visual_tokens"] == count and r["prune_method"] == method
+    assert r["steps"] == 4 and r["nfe"] == 5  # prefill + 4 steps
+    stages = set(r["timings_ms"])
+    assert STAGES <= stages and ("selection" in stages) == selection
+    assert all(v >= 0 for v in r["timings_ms"].values())
+
+
+@pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG")])
+def test_image_modes_are_converted(cli, tmp_path, mode, fmt):
+    path = tmp_path / f"img.{fmt.lower()}"
+    if mode == "I;16":
+        ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
+        Image.fromarray(ramp).save(path)
+    else:
+        noise(path, 64, 48, mode=mode, fmt=fmt)
+    with Image.open(path) as im:
+        assert im.mode.startswith(mode.split(";")[0])  # the file really is in that mode
+    code, out, err = cli("--image", path, "--prune_method", "pool", *FAST)
+    assert code == 0, err
+    assert visual_tokens(out) > 0 and ("image 64x48" in out or "image 64x64" in out)
+
+
+# ---- bad input: exit 2, exactly one `error:` line, nothing written -------------------------------
+def _img(tmp):
+    return noise(tmp / "ok.png", 64, 64)
+
+
+def _write(name, data):
+    def make(tmp):
+        (tmp / name).write_bytes(data(tmp) if callable(data) else data)
+        return tmp / name
+    return make
+
+
+def _truncated(tmp):
+    noise(tmp / "full.png", 200, 200)
+    data = (tmp / "full.png").read_bytes()
+    (tmp / "full.png").unlink()
+    return data[: len(data) // 2]
+
+
+BAD = {
+    "missing image": (lambda t: ["--image", t / "nope.png"], "not found"),
+    "corrupt bytes": (lambda t: ["--image", _write("x.png", b"this is not an image at all")(t)], "not an image"),
+    "truncated png": (lambda t: ["--image", _write("t.png", _truncated)(t)], "cannot decode"),
+    "10x10 image": (lambda t: ["--image", noise(t / "s.png", 10, 10)], "at least 14"),
+    "header-only bomb": (lambda t: ["--image", _write("bomb.png", png_header_only(40000, 40000))(t)], "megapixel"),
+    "empty question for pool": (lambda t: ["--image", _img(t), "--question", "  ", "--prune_method", "pool"], "question is empty"),
+    "unknown method": (lambda t: ["--image", _img(t), "--prune_method", "magic"], "unknown --prune_method 'magic'"),
+    "gen not divisible by block": (lambda t: ["--image", _img(t), "--gen-length", "10", "--block-length", "4"], "not divisible"),
+    "block length 0": (lambda t: ["--image", _img(t), "--gen-length", "8", "--block-length", "0"], "must be positive"),
+    "keep ratio 0": (lambda t: ["--image", _img(t), "--prune_method", "shirg", "--keep_ratio", "0",
+                                "--save_heatmap", t / "h.png"], "keep ratio"),
+    "keep ratio 1.5": (lambda t: ["--image", _img(t), "--prune_method", "shirg", "--keep_ratio", "1.5",
+                                  "--save_heatmap", t / "h.png"], "keep ratio"),
+    "keep ratio nan": (lambda t: ["--image", _img(t), "--prune_method", "shirg", "--keep_ratio", "nan",
+                                  "--save_heatmap", t / "h.png"], "keep ratio"),
+    "fovea nowhere": (lambda t: ["--image", _img(t), "--prune_method", "shirg", "--fovea", "nowhere",
+                                 "--save_heatmap", t / "h.png"], "unknown --fovea 'nowhere'"),
+    "bad score mode": (lambda t: ["--image", _img(t), "--prune_method", "shirg", "--shirg_score", "best"], "--shirg_score"),
+    "heatmap bad suffix": (lambda t: ["--image", _img(t), "--prune_method", "shirg", "--save_heatmap", t / "h.xyz"],
+                           "not supported"),
+    "budget 0": (lambda t: ["--image", _img(t), "--prune_method", "random", "--budget", "0"], "at least 1"),
+    "budget 99999": (lambda t: ["--image", _img(t), "--prune_method", "random", "--budget", "99999"], "--budget 99999"),
+    "budget with pool": (lambda t: ["--image", _img(t), "--prune_method", "pool", "--budget", "500"], "--budget applies"),
+    "keep ratio with pool": (lambda t: ["--image", _img(t), "--prune_method", "pool", "--keep_ratio", "0.5"],
+                             "--keep_ratio only applies"),
+    "heatmap with pool": (lambda t: ["--image", _img(t), "--prune_method", "pool", "--save_heatmap", t / "h.png"],
+                          "--save_heatmap needs"),
+    "steps not dividing blocks": (lambda t: ["--image", _img(t), "--gen-length", "8", "--block-length", "4",
+                                             "--steps", "3"], "--steps 3"),
+    "no-pool with pool": (lambda t: ["--image", _img(t), "--prune_method", "pool", "--no-pool"], "pooling on"),
+    "pool with shirg": (lambda t: ["--image", _img(t), "--prune_method", "shirg", "--pool"], "never pools"),
+    "model path missing": (lambda t: ["--image", _img(t), "--model-path", "/nonexistent"], "does not exist"),
+    "unknown device": (lambda t: ["--image", _img(t), "--device", "toaster"], "unknown --device"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_error_line(cli, tmp_path, case):
+    make_argv, message = BAD[case]
+    argv = make_argv(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = cli(*FAST, *argv)  # later flags win, so a case can override FAST
+    assert code == 2
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err and message in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no heat-map, no temp file
+
+
+def test_empty_question_shirg_proceeds_and_says_so(cli, tmp_path):
+    code, out, _ = cli("--image", _img(tmp_path), "--question", "", "--prune_method", "shirg", *FAST)
+    assert code == 0
+    assert visual_tokens(out) == 980
+    assert "shirg_note: no question" in out
+
+
+# ---- SHIRG through the CLI -------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [(14, 14), (4000, 14), (600, 2000), (768, 768)])
+def test_shirg_always_980(cli, tmp_path, size):
+    code, out, _ = cli("--image", noise(tmp_path / "i.png", *size), "--prune_method", "shirg", *FAST)
+    assert code == 0 and visual_tokens(out) == 980
+
+
+@pytest.mark.parametrize("ratio, total", [("0.40", 666), ("0.766", 1040), ("0.80", 1075)])
+def test_shirg_keep_ratio(cli, tmp_path, ratio, total):
+    code, out, _ = cli("--image", _img(tmp_path), "--prune_method", "shirg", "--keep_ratio", ratio, "--json", *FAST)
+    r = json.loads(out)
+    assert code == 0 and r["visual_tokens"] == total and r["notes"]["global_tokens"] == 256
+
+
+def test_shirg_saliency_fovea(cli, tmp_path):
+    code, out, _ = cli("--image", noise(tmp_path / "w.png", 1280, 720), "--prune_method", "shirg",
+                       "--fovea", "saliency", *FAST)
+    assert code == 0 and visual_tokens(out) == 980 and "fovea: saliency" in out
+
+
+@pytest.mark.parametrize("score", ["attn", "sim", "v1", "v2", "random"])
+def test_shirg_score_modes(cli, tmp_path, score):
+    code, out, _ = cli("--image", _img(tmp_path), "--prune_method", "shirg", "--shirg_score", score, *FAST)
+    assert code == 0 and visual_tokens(out) == 980
+
+
+def test_shirg_save_heatmap(cli, tmp_path):
+    dest = tmp_path / "out" / "heat.png"
+    code, out, _ = cli("--image", noise(tmp_path / "i.png", 640, 480), "--prune_method", "shirg",
+                       "--save_heatmap", dest, "--json", *FAST)
+    assert code == 0 and "heatmap" in json.loads(out)["timings_ms"]
+    with Image.open(dest) as im:
+        assert im.format == "PNG" and im.width > 100 and im.height > 100
+    assert [p.name for p in dest.parent.iterdir()] == ["heat.png"]  # no temp file left behind
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_error_line(cli, tmp_path):
+    code, out, err = cli(*FAST, "--image", _img(tmp_path), "--device", "cuda")
+    assert code == 2 and out == "" and err.startswith("error: ") and len(err.splitlines()) == 1

@@ -1,0 +1,311 @@
+"""Checkpoint folders: save/load round trip, sharding, spec key layout, clear errors, atomic saves, no network."""
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+
+import pytest
+import safetensors.torch
+import torch
+from safetensors.torch import load_file, save_file
+
+from llava.errors import CheckpointError, ConfigError
+from llava.model.builder import (
+    SMALL_MODEL_NAME,
+    build_small_model,
+    load_pretrained_model,
+    save_pretrained,
+)
+
+SAMPLE = "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nWhat is the color of the bar?<|eot_id|>"
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def tree(root):
+    """Every path under root with its size and mtime: a snapshot to prove nothing was written."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.stat(p)
+            out[os.path.relpath(p, root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture
+def ckpt(small_checkpoint, tmp_path):
+    """A private, writable copy of the small model's checkpoint."""
+    return shutil.copytree(small_checkpoint, tmp_path / "ckpt")
+
+
+# ---------------------------------------------------------------------------------------------
+# round trip
+# ---------------------------------------------------------------------------------------------
+def test_round_trip_is_bit_exact(small_model, ckpt):
+    tok, model = small_model
+    tok2, model2, image_processor, context_len = load_pretrained_model(ckpt)
+    assert_same_weights(model, model2)
+    assert model2.config.to_dict() == model.config.to_dict() == json.loads((ckpt / "config.json").read_text())
+    assert tok2(SAMPLE).input_ids == tok(SAMPLE).input_ids
+    assert len(tok2) == len(tok)
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id"):
+        assert getattr(tok2, attr) == getattr(tok, attr), attr
+    assert context_len == model.mm_config.tokenizer_model_max_length == 8192
+    assert image_processor.size == {"height": 384, "width": 384}
+    assert not model2.training and next(model2.parameters()).dtype == torch.float32
+
+
+def test_sharded_checkpoint_loads_identically(small_model, ckpt):
+    _, model = small_model
+    state = load_file(str(ckpt / "model.safetensors"))
+    keys = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    weight_map = {}
+    for shard, shard_keys in halves.items():
+        save_file({k: state[k] for k in shard_keys}, str(ckpt / shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in shard_keys})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (ckpt / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (ckpt / "model.safetensors").unlink()
+    _, model2, _, _ = load_pretrained_model(ckpt)
+    assert_same_weights(model, model2)
+
+
+def test_builtin_name_is_the_small_model(small_model):
+    tok, model = small_model
+    tok2, model2, _, _ = load_pretrained_model(SMALL_MODEL_NAME)
+    assert_same_weights(model, model2)
+    assert tok2(SAMPLE).input_ids == tok(SAMPLE).input_ids
+
+
+def test_loading_needs_no_network(small_model, ckpt, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access during loading")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    tok2, model2, _, _ = load_pretrained_model(ckpt)
+    assert_same_weights(small_model[1], model2)
+
+
+# ---------------------------------------------------------------------------------------------
+# state-dict layout (spec 1.4)
+# ---------------------------------------------------------------------------------------------
+_VT = r"model\.vision_tower\.vision_tower\.vision_model\."
+KEY_PATTERNS = [
+    r"model\.transformer\.wte\.weight",
+    *[rf"model\.transformer\.blocks\.\d+\.{m}\.weight"
+      for m in ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm", "ff_proj", "up_proj", "ff_out")],
+    r"model\.transformer\.ln_f\.weight",
+    r"model\.transformer\.ff_out\.weight",
+    *[rf"model\.mm_projector\.{i}\.{p}" for i in (0, 2) for p in ("weight", "bias")],
+    r"model\.image_newline",
+    _VT + r"embeddings\.patch_embedding\.weight",
+    _VT + r"embeddings\.patch_embedding\.bias",
+    _VT + r"embeddings\.position_embedding\.weight",
+    *[_VT + rf"encoder\.layers\.\d+\.{m}\.{p}"
+      for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2") for p in ("weight", "bias")],
+    _VT + r"post_layernorm\.weight",
+    _VT + r"post_layernorm\.bias",
+]
+
+
+@pytest.mark.shapes
+def test_state_dict_keys_match_spec(small_model):
+    _, model = small_model
+    state = model.state_dict()
+    hits = {p: 0 for p in KEY_PATTERNS}
+    for key in state:
+        assert not key.startswith("lm_head") and ".head." not in key, key
+        matched = [p for p in KEY_PATTERNS if re.fullmatch(p, key)]
+        assert len(matched) == 1, f"{key} matches {matched}"
+        hits[matched[0]] += 1
+    assert all(hits.values()), [p for p, n in hits.items() if not n]
+
+    cfg = model.config
+    n_layers, d, mlp = cfg.llada.n_layers, cfg.llada.d_model, cfg.llada.mlp_hidden_size
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"model\.transformer\.blocks\.(\d+)\.", k))}
+    assert blocks == set(range(n_layers))
+    vis_layers = {int(m.group(1)) for k in state if (m := re.match(_VT + r"encoder\.layers\.(\d+)\.", k))}
+    assert vis_layers == set(range(cfg.vision.num_hidden_layers - 1))  # the last SigLIP layer is dropped
+
+    hv, emb = cfg.mm.mm_hidden_size, cfg.llada.embedding_size
+    shapes = {
+        "model.transformer.wte.weight": (emb, d),
+        "model.transformer.ff_out.weight": (emb, d),
+        "model.transformer.ln_f.weight": (d,),
+        "model.transformer.blocks.0.ff_proj.weight": (mlp, d),
+        "model.transformer.blocks.0.up_proj.weight": (mlp, d),
+        "model.transformer.blocks.0.ff_out.weight": (d, mlp),
+        "model.transformer.blocks.0.q_proj.weight": (d, d),
+        "model.mm_projector.0.weight": (d, hv),
+        "model.mm_projector.0.bias": (d,),
+        "model.mm_projector.2.weight": (d, d),
+        "model.image_newline": (d,),
+        _VT.replace("\\", "") + "embeddings.patch_embedding.weight": (hv, 3, 14, 14),
+        _VT.replace("\\", "") + "embeddings.position_embedding.weight": (729, hv),
+    }
+    for key, shape in shapes.items():
+        assert tuple(state[key].shape) == shape, key
+
+
+# ---------------------------------------------------------------------------------------------
+# bad checkpoint folders
+# ---------------------------------------------------------------------------------------------
+def _edit_config(path, fn):
+    cfg = json.loads((path / "config.json").read_text())
+    fn(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _edit_weights(path, fn):
+    state = load_file(str(path / "model.safetensors"))
+    fn(state)
+    save_file(state, str(path / "model.safetensors"))
+
+
+def _truncate(path):
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _garble_header(path):
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(b"\0" * 16 + data[16:])
+
+
+def _missing_shard(path):
+    state = load_file(str(path / "model.safetensors"))
+    keys = sorted(state)
+    save_file({k: state[k] for k in keys[:5]}, str(path / "model-00001-of-00002.safetensors"))
+    weight_map = {k: "model-00001-of-00002.safetensors" if i < 5 else "model-00002-of-00002.safetensors"
+                  for i, k in enumerate(keys)}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "model.safetensors").unlink()
+
+
+def _wrong_shape(state):
+    state["model.mm_projector.2.bias"] = torch.zeros(state["model.mm_projector.2.bias"].shape[0] + 1)
+
+
+BAD_FOLDERS = {
+    "no_config": (lambda p: (p / "config.json").unlink(), CheckpointError, r"no config\.json"),
+    "invalid_json": (lambda p: (p / "config.json").write_text("{\"d_model\": 128,"), ConfigError, "not valid JSON"),
+    "missing_n_heads": (lambda p: _edit_config(p, lambda c: c.pop("n_heads")), ConfigError, "n_heads"),
+    "no_weights": (lambda p: (p / "model.safetensors").unlink(), CheckpointError, "has no weights"),
+    "missing_shard": (_missing_shard, CheckpointError, r"missing: model-00002-of-00002\.safetensors"),
+    "truncated_weights": (_truncate, CheckpointError, r"cannot read .*model\.safetensors"),
+    "corrupt_header": (_garble_header, CheckpointError, r"cannot read .*model\.safetensors"),
+    "missing_tensor": (lambda p: _edit_weights(p, lambda s: s.pop("model.image_newline")),
+                       CheckpointError, r"lacks 1 weight\(s\): model\.image_newline"),
+    "wrong_shape": (lambda p: _edit_weights(p, _wrong_shape), CheckpointError,
+                    r"wrong shape, e\.g\. model\.mm_projector\.2\.bias is \(129,\), model expects \(128,\)"),
+    "no_tokenizer": (lambda p: (p / "tokenizer.json").unlink(), CheckpointError, "no tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FOLDERS))
+def test_bad_checkpoint_folder(case, ckpt, tmp_path):
+    damage, error, message = BAD_FOLDERS[case]
+    damage(ckpt)
+    before = tree(tmp_path)
+    with pytest.raises(error, match=message):
+        load_pretrained_model(ckpt)
+    assert tree(tmp_path) == before  # nothing written, nothing removed
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_pretrained_model(tmp_path / "nope")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unexpected_keys_only_warn(small_model, ckpt, caplog):
+    _edit_weights(ckpt, lambda s: s.update({"model.extra_head.weight": torch.ones(3)}))
+    with caplog.at_level(logging.WARNING, logger="llava"):
+        _, model2, _, _ = load_pretrained_model(ckpt)
+    assert_same_weights(small_model[1], model2)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("model.extra_head.weight" in r.getMessage() and "unused" in r.getMessage() for r in warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic saves
+# ---------------------------------------------------------------------------------------------
+def test_save_replaces_existing_folder(small_model, tmp_path):
+    tok, model = small_model
+    target = save_pretrained(model, tok, tmp_path / "out")
+    (target / "stale.txt").write_text("from an older save")
+    _, other = build_small_model(seed=1)
+    save_pretrained(other, tok, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp / backup folders left
+    assert not (target / "stale.txt").exists()
+    _, loaded, _, _ = load_pretrained_model(target)
+    assert_same_weights(other, loaded)
+    (tmp_path / "plain").mkdir()  # the checkpoint folder gets normal umask permissions (mkdtemp gives 0700)
+    assert target.stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failed_save_leaves_no_partial_folder(small_model, small_checkpoint, tmp_path, monkeypatch, existing):
+    tok, model = small_model
+    target = tmp_path / "out"
+    if existing:
+        shutil.copytree(small_checkpoint, target)
+    before = tree(tmp_path)
+
+    def broken_save_file(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(model, tok, target)
+    assert tree(tmp_path) == before  # old checkpoint untouched, no temp dir
+
+
+def test_failed_final_rename_keeps_old_checkpoint(small_model, small_checkpoint, tmp_path, monkeypatch):
+    tok, model = small_model
+    target = shutil.copytree(small_checkpoint, tmp_path / "out")
+    (target / "marker.txt").write_text("old")
+    before = tree(tmp_path)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if ".tmp-" in str(src) and not str(src).endswith("-old") and str(dst) == str(target):
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="rename failed"):
+        save_pretrained(model, tok, target)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (target / "marker.txt").read_text() == "old"
+    assert set(tree(tmp_path)) == set(before)
+    _, loaded, _, _ = load_pretrained_model(target)
+    assert_same_weights(model, loaded)
+
+
+def test_save_refuses_to_overwrite_a_file(small_model, tmp_path):
+    tok, model = small_model
+    target = tmp_path / "out"
+    target.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a folder"):
+        save_pretrained(model, tok, target)
+    assert target.read_text() == "not a checkpoint" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
