@@ -101,7 +101,6 @@ def finalize_indices(indices: torch.Tensor, budget: int, num_tokens: int) -> tor
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Deterministic top-k: ties broken by the lower index. Returns indices sorted ascending."""
-    n = scores.shape[0]
     # stable sort on -score keeps lower index first among equal scores
     order = torch.sort(-scores.float(), stable=True).indices
     return torch.sort(order[:k]).values

@@ -2,8 +2,11 @@
 
 Tests that use these fixtures must not mutate them (use `monkeypatch` for temporary attribute changes).
 """
+import logging
+
 import pytest
 
+import llava.model.builder as builder
 from llava.model.builder import build_small_model, save_pretrained
 
 
@@ -23,3 +26,34 @@ def small_checkpoint(small_model, tmp_path_factory):
     """A read-only checkpoint folder of the small model; copy it before damaging it."""
     tok, model = small_model
     return save_pretrained(model, tok, tmp_path_factory.mktemp("ckpt") / "lavida-small")
+
+
+@pytest.fixture
+def run_cli(small_model, monkeypatch, capsys):
+    """`run_cli(*argv) -> (exit code, stdout, stderr)` for `llava.eval.run.main` on the session model.
+
+    `main` configures logging itself; root handlers are cleared around the call so its stderr
+    handler really writes to the captured stderr, as in a terminal.
+    """
+    from llava.eval.run import main
+
+    real = builder.build_small_model
+
+    def cached(*args, **kwargs):  # the default small model is the session one; anything else is built
+        return small_model if not args and not any(kwargs.values()) else real(*args, **kwargs)
+
+    monkeypatch.setattr(builder, "build_small_model", cached)
+
+    def call(*argv):
+        root = logging.getLogger()
+        saved, level = root.handlers[:], root.level
+        root.handlers[:] = []
+        try:
+            code = main([str(a) for a in argv])
+        finally:
+            root.handlers[:] = saved
+            root.setLevel(level)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call

@@ -23,7 +23,7 @@ from llava.conversation import build_prompt
 from llava.errors import InputError, LavidaError
 from llava.mm_utils import load_image, tokenizer_image_token
 from llava.model.language_model.llada.generate import steps_per_block
-from llava.utils import StageTimer, logger
+from llava.utils import StageTimer
 
 DEFAULT_IMAGE = Path(__file__).resolve().parents[2] / "playground" / "images" / "demo.png"
 DEFAULT_QUESTION = "What is the value of the tallest bar?"

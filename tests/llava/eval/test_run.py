@@ -5,7 +5,6 @@ test pays for a rebuild. `main` configures logging itself; `cli` lets it write t
 stderr exactly as it would in a terminal, so "one line on stderr" is really checked.
 """
 import json
-import logging
 import struct
 import zlib
 
@@ -13,35 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import llava.model.builder as builder
-from llava.eval.run import main
 
 FAST = ("--gen-length", "8", "--steps", "4")
 STAGES = {"preprocess", "vision", "projector", "prefill", "steps"}
 
 
 @pytest.fixture
-def cli(small_model, monkeypatch, capsys):
-    real = builder.build_small_model
-
-    def cached(*args, **kwargs):  # the default small model is the session one; anything else is built
-        return small_model if not args and not any(kwargs.values()) else real(*args, **kwargs)
-
-    monkeypatch.setattr(builder, "build_small_model", cached)
-
-    def call(*argv):
-        root = logging.getLogger()
-        saved, level = root.handlers[:], root.level
-        root.handlers[:] = []  # so main's basicConfig really installs its stderr handler
-        try:
-            code = main([str(a) for a in argv])
-        finally:
-            root.handlers[:] = saved
-            root.setLevel(level)
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return call
+def cli(run_cli):
+    return run_cli
 
 
 def noise(path, w, h, mode="RGB", seed=0, fmt=None):

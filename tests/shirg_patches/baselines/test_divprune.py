@@ -6,28 +6,10 @@ import torch.nn.functional as F
 
 from shirg_patches.baselines.divprune import select_divprune
 from shirg_patches.baselines.random_stride import select_random
-from shirg_patches.context import PruneContext
-
-VIEWS = [(27, 27), (54, 54)]  # global view + merged tile grid of a square image: N = 3645
-
-
-def make_ctx(views=VIEWS, budget=980, seed=0, d=8, features=None):
-    n = sum(r * c for r, c in views)
-    g = torch.Generator().manual_seed(1234)
-    if features is None:
-        features = torch.randn(n, d, generator=g)
-    return PruneContext(features=features, vision_features=torch.randn(n, d, generator=g),
-                        view_shapes=views, budget=budget, seed=seed)
-
-
-def check_contract(idx, ctx):
-    assert idx.dtype == torch.long and idx.shape == (ctx.budget,)
-    assert torch.all(idx[1:] > idx[:-1])  # sorted and unique
-    assert idx[0] >= 0 and idx[-1] < ctx.num_tokens
 
 
 @pytest.mark.parametrize("budget", [980, 3645, 1])
-def test_contract_and_determinism(budget):
+def test_contract_and_determinism(budget, make_ctx, check_contract):
     ctx = make_ctx(budget=budget)
     idx = select_divprune(ctx)
     check_contract(idx, ctx)
@@ -41,7 +23,7 @@ def min_pairwise_distance(x):
     return d.min().item()
 
 
-def test_more_diverse_than_random():
+def test_more_diverse_than_random(make_ctx):
     g = torch.Generator().manual_seed(5)
     centres = torch.randn(40, 8, generator=g)
     features = centres[torch.randint(40, (729,), generator=g)] + 0.05 * torch.randn(729, 8, generator=g)
@@ -51,19 +33,19 @@ def test_more_diverse_than_random():
     assert div_min > 2 * random_min
 
 
-def test_starts_from_the_most_atypical_token():
+def test_starts_from_the_most_atypical_token(make_ctx):
     features = torch.ones(16, 4) + 0.01 * torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
     features[11] = -1.0  # the one token pointing away from all others
     assert select_divprune(make_ctx(views=[(4, 4)], budget=1, d=4, features=features)).tolist() == [11]
 
 
-def test_duplicates_are_never_both_kept_while_unique_tokens_remain():
+def test_duplicates_are_never_both_kept_while_unique_tokens_remain(make_ctx):
     features = torch.eye(8).repeat(2, 1)  # tokens i and i+8 are identical
     idx = select_divprune(make_ctx(views=[(4, 4)], budget=8, d=8, features=features))
     assert sorted((idx % 8).tolist()) == list(range(8))
 
 
-def test_timing_full_size():
+def test_timing_full_size(make_ctx):
     ctx = make_ctx(d=64)
     t = time.perf_counter()
     select_divprune(ctx)

@@ -1,16 +1,13 @@
 """The training-free pruning baselines inside the real (small) model and through the CLI:
 budgeted counts, seed determinism, raster order, TopV's in-LM cache shape, autograd safety."""
 import json
-import logging
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import llava.model.builder as builder
 from llava.conversation import build_prompt
-from llava.eval.run import main
 from llava.mm_utils import tokenizer_image_token
 from llava.model.llava_arch import DEFAULT_BUDGET, make_lm_prune_hook
 from shirg_patches import REGISTRY
@@ -32,29 +29,11 @@ def image():
 
 
 @pytest.fixture
-def cli(small_model, monkeypatch, capsys, tmp_path):
-    real = builder.build_small_model
-
-    def cached(*args, **kwargs):  # the default small model is the session one; anything else is built
-        return small_model if not args and not any(kwargs.values()) else real(*args, **kwargs)
-
-    monkeypatch.setattr(builder, "build_small_model", cached)
+def cli(run_cli, tmp_path):
+    """The CLI on a 100x100 noise image with a short answer."""
     path = tmp_path / "img.png"
     noise(100, 100, seed=2).save(path)
-
-    def call(*argv):
-        root = logging.getLogger()
-        saved, level = root.handlers[:], root.level
-        root.handlers[:] = []
-        try:
-            code = main(["--image", str(path), *FAST, *map(str, argv)])
-        finally:
-            root.handlers[:] = saved
-            root.setLevel(level)
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return call
+    return lambda *argv: run_cli("--image", path, *FAST, *argv)
 
 
 def kept_indices(tok, model, image, method, options):

@@ -4,34 +4,18 @@ import pytest
 import torch
 
 from shirg_patches.baselines.random_stride import allocate, select_random, select_stride
-from shirg_patches.context import PruneContext
-
-VIEWS = [(27, 27), (54, 54)]  # global view + merged tile grid of a square image: N = 3645
-
-
-def make_ctx(views=VIEWS, budget=980, seed=0, d=8):
-    n = sum(r * c for r, c in views)
-    g = torch.Generator().manual_seed(1234)
-    return PruneContext(features=torch.randn(n, d, generator=g), vision_features=torch.randn(n, d, generator=g),
-                        view_shapes=views, budget=budget, seed=seed)
-
-
-def check_contract(idx, ctx):
-    assert idx.dtype == torch.long and idx.shape == (ctx.budget,)
-    assert torch.all(idx[1:] > idx[:-1])  # sorted and unique
-    assert idx[0] >= 0 and idx[-1] < ctx.num_tokens
 
 
 @pytest.mark.parametrize("select", [select_random, select_stride])
 @pytest.mark.parametrize("budget", [980, 3645, 1])
-def test_contract_and_determinism(select, budget):
+def test_contract_and_determinism(select, budget, make_ctx, check_contract):
     ctx = make_ctx(budget=budget)
     idx = select(ctx)
     check_contract(idx, ctx)
     assert torch.equal(idx, select(make_ctx(budget=budget)))
 
 
-def test_random_differs_across_seeds():
+def test_random_differs_across_seeds(make_ctx):
     assert not torch.equal(select_random(make_ctx(seed=0)), select_random(make_ctx(seed=1)))
 
 
@@ -47,13 +31,13 @@ def rows_cols(idx, cols):
     return sorted(set((idx // cols).tolist())), sorted(set((idx % cols).tolist()))
 
 
-def test_stride_picks_evenly_spaced_rows_and_columns():
+def test_stride_picks_evenly_spaced_rows_and_columns(make_ctx):
     idx = select_stride(make_ctx(views=[(8, 8)], budget=16))
     assert rows_cols(idx, 8) == ([1, 3, 5, 7], [1, 3, 5, 7])
 
     ctx = make_ctx()  # 196 in the 27x27 view, 784 in the 54x54 view: 14x14 and 28x28 grids
     idx = select_stride(ctx)
-    for (r, c), off, side in zip(VIEWS, ctx.view_offsets(), [14, 28]):
+    for (r, c), off, side in zip(ctx.view_shapes, ctx.view_offsets(), [14, 28]):
         local = idx[(idx >= off) & (idx < off + r * c)] - off
         rows, cols = rows_cols(local, c)
         assert len(rows) == len(cols) == side and local.numel() == side * side
@@ -62,14 +46,14 @@ def test_stride_picks_evenly_spaced_rows_and_columns():
             assert gaps.max() - gaps.min() <= 1
 
 
-def test_stride_odd_budget_stays_a_grid():
+def test_stride_odd_budget_stays_a_grid(make_ctx):
     idx = select_stride(make_ctx(views=[(5, 5)], budget=7))
     rows, _ = rows_cols(idx, 5)
     per_row = torch.bincount(idx // 5, minlength=5)[rows]
     assert per_row.sum() == 7 and per_row.max() - per_row.min() <= 1
 
 
-def test_timing_full_size():
+def test_timing_full_size(make_ctx):
     ctx = make_ctx(d=64)
     for select in (select_random, select_stride):
         t = time.perf_counter()

@@ -1,3 +1,4 @@
+import functools
 import time
 
 import pytest
@@ -6,25 +7,14 @@ import torch
 from shirg_patches.baselines.saint import select_saint
 from shirg_patches.context import PruneContext
 
-VIEWS = [(27, 27), (54, 54)]  # global view + merged tile grid of a square image: N = 3645
 
-
-def make_ctx(views=VIEWS, budget=980, seed=0, d=8, **options):
-    n = sum(r * c for r, c in views)
-    g = torch.Generator().manual_seed(1234)
-    return PruneContext(features=torch.randn(n, d, generator=g), vision_features=torch.randn(n, d, generator=g),
-                        view_shapes=views, budget=budget, keys=torch.randn(n, d, generator=g), seed=seed,
-                        options=options)
-
-
-def check_contract(idx, ctx):
-    assert idx.dtype == torch.long and idx.shape == (ctx.budget,)
-    assert torch.all(idx[1:] > idx[:-1])  # sorted and unique
-    assert idx[0] >= 0 and idx[-1] < ctx.num_tokens
+@pytest.fixture
+def make_ctx(make_ctx):
+    return functools.partial(make_ctx, keys=True)  # SAINT uses the SigLIP keys
 
 
 @pytest.mark.parametrize("budget", [980, 3645, 1])
-def test_contract_and_determinism(budget):
+def test_contract_and_determinism(budget, make_ctx, check_contract):
     ctx = make_ctx(budget=budget)
     idx = select_saint(ctx)
     check_contract(idx, ctx)
@@ -52,7 +42,7 @@ def test_exact_duplicates_go_first_and_lowest_index_survives(iters, use_keys):
     assert torch.equal(select_saint(ctx), expected)
 
 
-def test_timing_full_size():
+def test_timing_full_size(make_ctx):
     ctx = make_ctx(d=64)
     t = time.perf_counter()
     select_saint(ctx)

@@ -7,25 +7,11 @@ from llava.errors import InputError
 from shirg_patches.baselines.topv import DEFAULT_TOPV_LAYER, select_topv, topv_scores
 from shirg_patches.context import PruneContext
 
-VIEWS = [(27, 27), (54, 54)]  # global view + merged tile grid of a square image: N = 3645
-SMALL_VIEWS = [(9, 9), (18, 18)]  # same layout at 1/3 scale: Sinkhorn on N = 3645 takes ~1 s on CPU
-
-
-def make_ctx(views=VIEWS, budget=980, seed=0, d=8, **options):
-    n = sum(r * c for r, c in views)
-    g = torch.Generator().manual_seed(1234)
-    return PruneContext(features=torch.randn(n, d, generator=g), vision_features=torch.randn(n, d, generator=g),
-                        view_shapes=views, budget=budget, seed=seed, options=options)
-
-
-def check_contract(idx, ctx):
-    assert idx.dtype == torch.long and idx.shape == (ctx.budget,)
-    assert torch.all(idx[1:] > idx[:-1])  # sorted and unique
-    assert idx[0] >= 0 and idx[-1] < ctx.num_tokens
+SMALL_VIEWS = [(9, 9), (18, 18)]  # default views at 1/3 scale: Sinkhorn on N = 3645 takes ~1 s on CPU
 
 
 @pytest.mark.parametrize("budget", [109, 405, 1])
-def test_contract_and_determinism(budget):
+def test_contract_and_determinism(budget, make_ctx, check_contract):
     ctx = make_ctx(views=SMALL_VIEWS, budget=budget)
     idx = select_topv(ctx)
     check_contract(idx, ctx)
@@ -47,7 +33,7 @@ def test_each_view_has_its_own_centre():
     assert sorted(torch.topk(scores, 2).indices.tolist()) == [12, 25 + 40]
 
 
-def test_uses_layer_states_and_drops_tokens_the_layer_overwrote():
+def test_uses_layer_states_and_drops_tokens_the_layer_overwrote(make_ctx):
     ctx = make_ctx(views=[(12, 12)], budget=100, d=16)
     g = torch.Generator().manual_seed(3)
     inputs = torch.randn(144, 16, generator=g)
@@ -67,7 +53,7 @@ def test_recovery_takes_evenly_strided_pruned_tokens():
     assert centre <= kept and len(kept - centre) == 1
 
 
-def test_half_given_layer_states_is_an_error():
+def test_half_given_layer_states_is_an_error(make_ctx):
     ctx = make_ctx(views=[(4, 4)], budget=4, layer_inputs=torch.randn(16, 8))
     with pytest.raises(InputError):
         select_topv(ctx)
@@ -77,7 +63,7 @@ def test_default_layer():
     assert DEFAULT_TOPV_LAYER == 2
 
 
-def test_timing_full_size():
+def test_timing_full_size(make_ctx):
     ctx = make_ctx(d=64)
     t = time.perf_counter()
     select_topv(ctx)

@@ -1,3 +1,4 @@
+import functools
 import time
 
 import pytest
@@ -6,44 +7,32 @@ import torch.nn.functional as F
 
 from llava.errors import InputError
 from shirg_patches.baselines.visionzip import select_visionzip
-from shirg_patches.context import PruneContext, Selection
-
-VIEWS = [(27, 27), (54, 54)]  # global view + merged tile grid of a square image: N = 3645
+from shirg_patches.context import Selection
 
 
-def make_ctx(views=VIEWS, budget=980, seed=0, d=8, **options):
-    n = sum(r * c for r, c in views)
-    g = torch.Generator().manual_seed(1234)
-    return PruneContext(features=torch.randn(n, d + 4, generator=g), vision_features=torch.randn(n, d, generator=g),
-                        view_shapes=views, budget=budget, attn_received=torch.rand(n, generator=g),
-                        keys=torch.randn(n, d, generator=g), seed=seed, options=options)
-
-
-def check_contract(sel, ctx):
-    assert isinstance(sel, Selection)
-    idx = sel.indices
-    assert idx.dtype == torch.long and idx.shape == (ctx.budget,)
-    assert torch.all(idx[1:] > idx[:-1])  # sorted and unique
-    assert idx[0] >= 0 and idx[-1] < ctx.num_tokens
-    assert sel.tokens.shape == (ctx.budget, ctx.features.shape[1]) and sel.tokens.dtype == ctx.features.dtype
+@pytest.fixture
+def make_ctx(make_ctx):
+    # LM features 4 wider than the SigLIP ones, plus attention and keys
+    return functools.partial(make_ctx, lm_extra_dim=4, attention=True, keys=True)
 
 
 @pytest.mark.parametrize("budget", [980, 3645, 1])
-def test_contract_and_determinism(budget):
+def test_contract_and_determinism(budget, make_ctx, check_contract):
     ctx = make_ctx(budget=budget)
     sel = select_visionzip(ctx)
+    assert isinstance(sel, Selection)
     check_contract(sel, ctx)
     again = select_visionzip(make_ctx(budget=budget))
     assert torch.equal(sel.indices, again.indices) and torch.equal(sel.tokens, again.tokens)
 
 
-def test_full_budget_keeps_every_token_unchanged():
+def test_full_budget_keeps_every_token_unchanged(make_ctx):
     ctx = make_ctx(budget=3645)
     sel = select_visionzip(ctx)
     assert torch.equal(sel.tokens, ctx.features)
 
 
-def test_keeps_highest_attention_tokens_as_they_are():
+def test_keeps_highest_attention_tokens_as_they_are(make_ctx):
     ctx = make_ctx()
     sel = select_visionzip(ctx)
     dominant = torch.topk(ctx.attn_received, round(0.85 * 980)).indices
@@ -53,7 +42,7 @@ def test_keeps_highest_attention_tokens_as_they_are():
 
 
 @pytest.mark.parametrize("use_keys", [True, False])
-def test_contextual_tokens_are_averages_of_their_merged_tokens(use_keys):
+def test_contextual_tokens_are_averages_of_their_merged_tokens(use_keys, make_ctx):
     ctx = make_ctx(views=[(6, 6)], budget=10, dominant_ratio=0.6)
     if not use_keys:
         ctx.keys = None
@@ -71,21 +60,21 @@ def test_contextual_tokens_are_averages_of_their_merged_tokens(use_keys):
         assert torch.allclose(sel.tokens[row], expected, atol=1e-6)
 
 
-def test_contextual_targets_are_strided_over_the_rest():
+def test_contextual_targets_are_strided_over_the_rest(make_ctx):
     ctx = make_ctx(views=[(10, 10)], budget=5, dominant_ratio=0.2)
     ctx.attn_received = torch.zeros(100)
     ctx.attn_received[0] = 1.0  # dominant: token 0; 4 targets over tokens 1..99
     assert select_visionzip(ctx).indices.tolist() == [0, 13, 38, 62, 87]
 
 
-def test_needs_attention():
+def test_needs_attention(make_ctx):
     ctx = make_ctx(views=[(4, 4)], budget=4)
     ctx.attn_received = None
     with pytest.raises(InputError):
         select_visionzip(ctx)
 
 
-def test_timing_full_size():
+def test_timing_full_size(make_ctx):
     ctx = make_ctx(d=64)
     t = time.perf_counter()
     select_visionzip(ctx)
