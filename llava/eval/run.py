@@ -76,7 +76,7 @@ def prune_options(args) -> dict:
     if args.budget is not None:
         if method.select is None or method.name == "shirg":
             raise InputError("--budget applies to the pruning baselines (random, stride, saint, topv, visionzip, divprune)")
-        if args.budget < 1:  # checked here: the model treats a budget of 0 as "use the default"
+        if args.budget < 1:  # the upper bound depends on the image: checked at encode time
             raise InputError(f"--budget must be at least 1, got {args.budget}")
         opts["budget"] = args.budget
     if args.save_heatmap is not None and method.name != "shirg":
