@@ -14,6 +14,9 @@ Two models:
   real-size candidates captured once) to `full`'s vision time of the same round, instead of
   re-running a ~1 min 5-view encode per baseline.
 
+A third table times whole answers (encode + prefill + 16 diffusion steps) on the small model
+with and without the prefix K/V cache, for pool, full and shirg.
+
 TopV selects inside the LM during prefill; here it scores the pre-LM features (its documented
 fallback), i.e. the same Sinkhorn work without an LM. This is a benchmark, not a test:
 numbers depend on the machine. Read the CPU ratios against `python -m llava.eval.costmodel`.
@@ -131,6 +134,31 @@ def format_table(title: str, samples: dict[str, Samples]) -> str:
     return "\n".join(lines)
 
 
+def bench_answers(model, tokenizer, image, question, methods, repeats, gen_length=32, steps=16) -> str:
+    """Whole-answer latency (encode + prefill + steps) with and without the prefix cache."""
+    from llava.conversation import build_prompt
+    from llava.mm_utils import tokenizer_image_token
+
+    ids = tokenizer_image_token(build_prompt(question), tokenizer)
+    qids = tokenizer(question, add_special_tokens=False).input_ids
+    times = {(m, c): [] for m in methods for c in (True, False)}
+    for r in range(repeats + 1):
+        for m in methods:
+            for cached in (True, False):
+                start = time.perf_counter()
+                model.generate(ids, [image], prune_method=m, question_ids=qids, gen_length=gen_length,
+                               block_length=gen_length, steps=steps, prefix_cache=cached)
+                if r:  # round 0 is warm-up
+                    times[(m, cached)].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med[(methods[0], True)]
+    lines = [f"{'method':<10}{'cached ms':>11}{'ratio':>8}{'uncached ms':>13}{'ratio':>8}{'cache speed-up':>16}"]
+    for m in methods:
+        c, u = med[(m, True)], med[(m, False)]
+        lines.append(f"{m:<10}{c * 1e3:>11.1f}{c / base:>7.2f}x{u * 1e3:>13.1f}{u / base:>7.2f}x{u / c:>15.2f}x")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llava.eval.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--image", default=str(DEFAULT_IMAGE))
@@ -157,6 +185,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tok, model = build_small_model()
     samples = bench(model, tok, image, args.question, methods, args.repeats, warmup=1, shared_vision=False)
     print(format_table(f"\n== built-in small model (SigLIP 64-d, 3 layers): {head} {args.repeats} rounds ==", samples))
+    answer_methods = [m for m in ("pool", "full", "shirg") if m in methods]
+    print(f"\n== built-in small model, whole answer (gen length 32, 16 steps): {head} {args.repeats} rounds ==")
+    print(bench_answers(model, tok, image, args.question, answer_methods, args.repeats), flush=True)
     if not args.skip_large:
         large = methods if "full" in methods else methods + ["full"]
         tok, model = so400m_bench_model()

@@ -22,6 +22,7 @@ import torch
 from llava.conversation import build_prompt
 from llava.errors import InputError, LavidaError
 from llava.mm_utils import load_image, tokenizer_image_token
+from llava.model.builder import SMALL_MODEL_NAME, load_pretrained_model
 from llava.model.language_model.llada.generate import steps_per_block
 from llava.utils import StageTimer
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava.eval.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--image", default=str(DEFAULT_IMAGE), help="image file (default: bundled demo)")
     p.add_argument("--question", default=DEFAULT_QUESTION)
-    p.add_argument("--model-path", default="builtin:lavida-small", help="local LaViDa folder or builtin:lavida-small")
+    p.add_argument("--model-path", default=SMALL_MODEL_NAME, help=f"local LaViDa folder or {SMALL_MODEL_NAME}")
     p.add_argument("--prune_method", "--prune-method", default="lavida", choices=None,
                    help=f"how visual tokens are produced: {', '.join(sorted(REGISTRY))} (default: lavida)")
     pool = p.add_mutually_exclusive_group()
@@ -102,7 +103,6 @@ def prune_options(args) -> dict:
 
 
 def run(args) -> dict:
-    from llava.model.builder import load_pretrained_model
     from shirg_patches import get_method
 
     method = get_method(args.prune_method)
@@ -146,13 +146,16 @@ def run(args) -> dict:
         with timer("heatmap"):
             save_heatmap(args.save_heatmap, image, visual.info["fovea_box"], visual.kept,
                          scores=visual.info.get("scores"), title=f"SHIRG: {visual.lm_token_count} tokens")
+    notes = {k: v for k, v in visual.info.items() if isinstance(v, (str, int, float))}
+    if str(args.model_path) == SMALL_MODEL_NAME:
+        notes["model"] = "built-in small model with random weights: the answer is noise, counts and timings are real"
     return {
         "answer": answer,
         "visual_tokens": visual.lm_token_count,
         "prompt_tokens": out.prompt_length,
         "prune_method": method.name,
         "candidates": visual.candidates,
-        "notes": {k: v for k, v in visual.info.items() if isinstance(v, (str, int, float))},
+        "notes": notes,
         "nfe": out.generation.nfe,
         "timings_ms": {k: round(v * 1000, 2) for k, v in timer.seconds.items()},
         "steps": len(out.generation.step_seconds),
