@@ -46,15 +46,17 @@ def attention_score(attn_received: torch.Tensor) -> torch.Tensor:
 
 
 def similarity_score(features: torch.Tensor, question_embedding: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """s_i: cosine to the mean question embedding in LM space, mapped to [0, 1] by (cos + 1) / 2.
-    Returns None without a question: there is nothing to be relevant to."""
+    """s_i: cosine to the mean question embedding in LM space, min-max rescaled to [0, 1] per image.
+
+    Min-max, like a_i, rather than (cos + 1) / 2: cosines of one image's tokens to a question
+    span a narrow band, so the affine map would shrink s's spread and the 0.3 weight would barely
+    move the ranking. Returns None without a question: there is nothing to be relevant to."""
     if question_embedding is None:
         return None
     q = question_embedding.float().flatten()
     if q.shape[0] != features.shape[-1]:
         raise ValueError(f"question embedding has dim {q.shape[0]}, features have {features.shape[-1]}")
-    cos = F.cosine_similarity(features.float(), q[None], dim=-1)
-    return (cos + 1) / 2
+    return minmax(F.cosine_similarity(features.float(), q[None], dim=-1))
 
 
 def diversity_score(features: torch.Tensor, provisional_idx: torch.Tensor) -> torch.Tensor:

@@ -32,11 +32,18 @@ def test_v1_formula_exact():
     attn = torch.tensor([1.0, 3.0, 2.0])
     q = torch.tensor([2.0, 0.0])
     a = torch.tensor([0.0, 1.0, 0.5])
-    s = torch.tensor([1.0, 0.5, 0.0])  # (cos + 1) / 2 for cos = 1, 0, -1
+    s = torch.tensor([1.0, 0.5, 0.0])  # min-max of cos = 1, 0, -1
     assert torch.allclose(similarity_score(feats, q), s)
     out = score_tokens(feats, attn, q, mode="v1")
     assert out.note is None
     assert torch.allclose(out.scores, 0.7 * a + 0.3 * s)
+
+
+def test_similarity_is_minmax_rescaled_per_image():
+    # cosines 0.6, 0.8, 1.0: a narrow band still spans the full [0, 1], like a_i does
+    q = torch.tensor([1.0, 0.0])
+    feats = torch.tensor([[0.6, 0.8], [0.8, 0.6], [1.0, 0.0]])
+    assert torch.allclose(similarity_score(feats, q), torch.tensor([0.0, 0.5, 1.0]), atol=1e-6)
 
 
 def test_v2_formula_and_softmax_keeps_top_k():
