@@ -245,12 +245,14 @@ def anyres_token_count(
 def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX, return_tensors=None):
     """Tokenise a prompt with `<image>` placeholders replaced by `image_token_index`.
 
-    Chunks between placeholders are tokenised separately without special tokens (LLaDA's tokenizer adds none
-    anyway; BOS comes from the chat template text). Upstream quirk, reproduced on purpose because the published
-    numbers depend on it: when the first chunk starts with BOS, the first token of EVERY chunk after an `<image>`
-    is dropped — with the standard prompt that is the newline following `<image>`.
+    Chunks between placeholders are tokenised separately with the tokenizer's default special-token handling,
+    exactly as upstream calls it (LLaDA's tokenizer is expected to add none; BOS then comes from the chat template
+    text). If a tokenizer's post-processor does prepend BOS, this reproduces upstream's doubled BOS and kept newline
+    (spec §4.6). Upstream quirk, reproduced on purpose because the published numbers depend on it: when the first
+    chunk starts with BOS, the first token of EVERY chunk after an `<image>` is dropped — with the standard prompt
+    that is the newline following `<image>`.
     """
-    chunks = [tokenizer(chunk, add_special_tokens=False).input_ids for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
     bos = getattr(tokenizer, "bos_token_id", None)
     starts_with_bos = bos is not None and len(chunks[0]) > 0 and chunks[0][0] == bos
     input_ids = list(chunks[0])

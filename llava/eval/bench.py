@@ -51,6 +51,7 @@ def so400m_bench_model():
     raw.update(d_model=4096, n_layers=1, n_heads=32, n_kv_heads=32, mlp_hidden_size=1024, mm_hidden_size=1152)
     raw.pop("vision_config")
     raw["mm_vision_tower"] = "google/siglip-so400m-patch14-384"
+    raw["mm_vision_attn_implementation"] = "eager"  # what a real LaViDa checkpoint runs with
     torch.manual_seed(0)
     return tok, LlavaLLaDAForCausalLM(LlavaLLaDAConfig.from_dict(raw)).eval()
 

@@ -136,7 +136,7 @@ def run(args) -> dict:
         pool=args.pool, timer=timer, gen_length=args.gen_length, block_length=block_length, steps=args.steps,
         temperature=args.temperature, remasking=args.remasking, schedule=args.schedule,
         schedule_kwargs=schedule_kwargs, prefix_cache=args.prefix_cache,
-        generator=torch.Generator(device="cpu").manual_seed(args.seed),
+        generator=torch.Generator(device=device).manual_seed(args.seed),  # the sampler draws on the model's device
     )
     answer = tokenizer.decode(out.tokens[0].tolist(), skip_special_tokens=True).lstrip("!").strip()
     visual = out.visual[0]

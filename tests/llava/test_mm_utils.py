@@ -323,3 +323,21 @@ def test_tokenizer_image_token_without_bos_keeps_everything():
 def test_tokenizer_image_token_custom_index_and_leading_image():
     tok = FakeTokenizer()
     assert tokenizer_image_token("<image>\nhi", tok, image_token_index=-7) == [-7, *tok("\nhi").input_ids]
+
+
+class BosAddingTokenizer(FakeTokenizer):
+    """Like FakeTokenizer, but its post-processor prepends BOS unless add_special_tokens=False."""
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = super().__call__(text).input_ids
+        return SimpleNamespace(input_ids=([self.bos_token_id] + ids) if add_special_tokens else ids)
+
+
+def test_tokenizer_image_token_uses_default_special_tokens_like_upstream():
+    """Spec §4.6: upstream tokenises each chunk with the tokenizer's defaults. If the tokenizer adds BOS itself,
+    the prompt starts with a doubled BOS and the dropped first token of the later chunk is that BOS, so the
+    newline after <image> is kept."""
+    tok = BosAddingTokenizer()
+    ids = tokenizer_image_token("<s> user <image>\nhi", tok)
+    bos, user, newline, hi = 1, tok.vocab["user"], tok.vocab["\n"], tok.vocab["hi"]
+    assert ids == [bos, bos, user, IMAGE_TOKEN_INDEX, newline, hi]

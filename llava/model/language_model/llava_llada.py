@@ -78,7 +78,7 @@ class LlavaLLaDAModel(LLaDAModel):
     def __init__(self, config: LlavaLLaDAConfig):
         super().__init__(config.llada)
         mm = config.mm
-        self.vision_tower = SigLipVisionTower(config.vision)
+        self.vision_tower = SigLipVisionTower(config.vision, mm.mm_vision_attn_implementation)
         if self.vision_tower.hidden_size != mm.mm_hidden_size:
             raise ConfigError(
                 f"mm_hidden_size {mm.mm_hidden_size} != vision tower width {self.vision_tower.hidden_size}"

@@ -55,8 +55,17 @@ class SiglipVisionHolder(nn.Module):
 class SigLipVisionTower(nn.Module):
     """SigLIP minus its last layer and head; keys `vision_tower.vision_model.*` (`model.vision_tower.` in LaViDa)."""
 
-    def __init__(self, vision_config: SiglipVisionConfig):
+    ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+    def __init__(self, vision_config: SiglipVisionConfig, attn_implementation: str = "eager"):
+        """`eager` (default) is upstream's attention: explicit matmuls with an fp32 softmax, so bf16
+        features match the checkpoint's training/eval numerics; `sdpa` is faster and equal in fp32
+        (~1e-6) but differs by ~1 % relative in bf16."""
         super().__init__()
+        if attn_implementation not in self.ATTN_IMPLEMENTATIONS:
+            raise ConfigError(
+                f"vision attention {attn_implementation!r} unsupported; use one of {self.ATTN_IMPLEMENTATIONS}"
+            )
         if vision_config.num_hidden_layers < 2:
             raise ConfigError(
                 f"vision tower needs at least 2 layers (the last is dropped); got {vision_config.num_hidden_layers}"
@@ -64,7 +73,7 @@ class SigLipVisionTower(nn.Module):
         config = copy.deepcopy(vision_config)
         config.num_hidden_layers -= 1
         config.vision_use_head = False
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = attn_implementation
         self.config = config
         self.vision_tower = SiglipVisionHolder(config)
 
@@ -103,13 +112,18 @@ class SigLipVisionTower(nn.Module):
         hidden = model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         *early_layers, last_layer = model.encoder.layers
         for layer in early_layers:
-            hidden = layer(hidden, None)
+            hidden = _layer_output(layer(hidden, None))
         last_input = hidden
-        features = last_layer(hidden, None)
+        features = _layer_output(last_layer(hidden, None))
         if not return_attention:
             return VisionOutput(features=features)
         attn_received, keys = attention_received(last_layer, last_input)
         return VisionOutput(features=features, attn_received=attn_received, keys=keys)
+
+
+def _layer_output(out) -> torch.Tensor:
+    """transformers 4.x encoder layers return a tuple `(hidden_states, ...)`, 5.x the tensor itself."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def attention_received(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -71,8 +71,19 @@ def test_state_dict_keys_and_properties(tower):
     assert not any(".layers.2." in k for k in keys)  # last of 3 layers dropped
     assert not any("head" in k for k in keys)
     assert all(k.startswith(prefix) for k in keys)
-    assert tower.vision_tower.vision_model.config._attn_implementation == "sdpa"
+    assert tower.vision_tower.vision_model.config._attn_implementation == "eager"  # upstream's numerics
     assert (tower.hidden_size, tower.image_size, tower.patch_size, tower.num_patches_per_side) == (32, 384, 14, 27)
+
+
+def test_sdpa_matches_eager_in_fp32_and_bad_kernel_is_rejected():
+    torch.manual_seed(0)
+    eager = SigLipVisionTower(tiny_config())
+    sdpa = SigLipVisionTower(tiny_config(), attn_implementation="sdpa")
+    sdpa.load_state_dict(eager.state_dict())
+    pixels = torch.randn(2, 3, 384, 384)
+    torch.testing.assert_close(sdpa(pixels).features, eager(pixels).features, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="unsupported"):
+        SigLipVisionTower(tiny_config(), attn_implementation="flash")
 
 
 def test_too_few_layers():
@@ -147,3 +158,17 @@ def test_attention_received_is_detached_keys_are_not(tower):
 def test_rejects_bad_shape(tower):
     with pytest.raises(ValueError, match=r"\[V,3,S,S\]"):
         tower(torch.randn(3, 384, 384))
+
+
+@torch.no_grad()
+def test_layers_returning_tuples_like_transformers_4(tower, monkeypatch):
+    """transformers 4.x (incl. upstream's pin 4.50.3) encoder layers return `(hidden_states,)`; the tower
+    must unwrap it instead of feeding a tuple to the next layer."""
+    pixels = torch.randn(1, 3, 384, 384)
+    expected = tower(pixels, return_attention=True)
+    for layer in tower.vision_tower.vision_model.encoder.layers:
+        real_forward = layer.forward
+        monkeypatch.setattr(layer, "forward", lambda *a, _f=real_forward, **k: (_f(*a, **k),))
+    out = tower(pixels, return_attention=True)
+    torch.testing.assert_close(out.features, expected.features, rtol=0, atol=0)
+    torch.testing.assert_close(out.attn_received, expected.attn_received, rtol=0, atol=0)
