@@ -12,7 +12,6 @@ QUESTION ?= What is the value of the tallest bar?
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e ".[dev,train]"
 	touch $(STAMP)
