@@ -235,7 +235,8 @@ class LlavaMetaForCausalLM:
             feats = self._vision(pixels, False).features
         with timer("projector"):
             tokens = self._project(feats)[0]
-        return VisualTokens(tokens, method.name, tokens.shape[0], [(27, 27)], info={"pooling": "off (single view)"})
+        side = self.model.vision_tower.num_patches_per_side
+        return VisualTokens(tokens, method.name, tokens.shape[0], [(side, side)], info={"pooling": "off (single view)"})
 
     def _encode_anyres(self, image, method, question_ids, options, pool, timer) -> VisualTokens:
         cfg = self.mm_config
