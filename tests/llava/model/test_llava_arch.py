@@ -91,6 +91,19 @@ def test_flat_merge_gives_paper_counts(small_tokenizer):
 
 
 @pytest.mark.shapes
+@pytest.mark.parametrize("aspect", ["square", "pad"])
+def test_single_view_aspects_give_729_and_reject_pruning(small_tokenizer, aspect):
+    """Stage-1 / low-res settings: one 384² view, no pooling or merge (spec 4.3, last bullet).
+    SHIRG brings its own views, so it is unaffected; baselines prune any-res tokens, so they refuse."""
+    model = build_variant(small_tokenizer, image_aspect_ratio=aspect)
+    for size in [(768, 768), (1000, 300), (100, 400)]:
+        assert count(model, size, "pool") == 729
+    assert count(model, (768, 768), "shirg") == 980
+    with pytest.raises(InputError, match="anyres"):
+        count(model, (768, 768), "random")
+
+
+@pytest.mark.shapes
 def test_pooled_layout_and_newlines(small_model):
     """[global view 14x14 ; unpadded 28x28 tile map, each kept row followed by image_newline]."""
     _, model = small_model
