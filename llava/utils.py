@@ -11,10 +11,12 @@ import torch
 logger = logging.getLogger("llava")
 
 
-def _sync(device: torch.device | None) -> None:
-    # CUDA kernels are asynchronous: without a sync a stage's time lands in the next stage.
+def synced_now(device: torch.device | None) -> float:
+    """Wall clock once the device has finished its queued work: CUDA kernels are asynchronous,
+    so without a sync a stage's time would land in the next stage."""
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 class StageTimer:
@@ -26,13 +28,11 @@ class StageTimer:
 
     @contextmanager
     def __call__(self, stage: str):
-        _sync(self.device)
-        start = time.perf_counter()
+        start = synced_now(self.device)
         try:
             yield
         finally:
-            _sync(self.device)
-            self.add(stage, time.perf_counter() - start)
+            self.add(stage, synced_now(self.device) - start)
 
     def add(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds

@@ -99,6 +99,20 @@ def finalize_indices(indices: torch.Tensor, budget: int, num_tokens: int) -> tor
     return indices
 
 
+def run_select(select: SelectFn, ctx: PruneContext) -> Selection:
+    """Call a method and hold it to the contract: a Selection whose indices are checked and sorted."""
+    sel = select(ctx)
+    sel = sel if isinstance(sel, Selection) else Selection(sel)
+    return Selection(finalize_indices(sel.indices, ctx.budget, ctx.num_tokens), sel.tokens)
+
+
+def complement(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The indices in [0, num_tokens) not in `indices`, ascending."""
+    keep = torch.ones(num_tokens, dtype=torch.bool, device=indices.device)
+    keep[indices] = False
+    return keep.nonzero().squeeze(1)
+
+
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Deterministic top-k: ties broken by the lower index. Returns indices sorted ascending."""
     # stable sort on -score keeps lower index first among equal scores

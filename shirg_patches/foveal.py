@@ -13,12 +13,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from llava.constants import FOVEA_SIZE, SIGLIP_IMAGE_SIZE
-from llava.mm_utils import image_to_tensor
+from llava.constants import FOVEA_SIZE, SIGLIP_PATCH_SIZE
 from llava.errors import InputError
+from llava.mm_utils import image_to_tensor
 
 FOVEA_MODES = ("center", "saliency")
-FOVEA_GRID = FOVEA_SIZE // 14  # 32 tokens per side
+FOVEA_GRID = FOVEA_SIZE // SIGLIP_PATCH_SIZE  # 32 tokens per side
+
+
+def check_fovea_mode(mode: str) -> None:
+    if mode not in FOVEA_MODES:
+        raise InputError(f"unknown --fovea {mode!r}; valid: {', '.join(FOVEA_MODES)}")
 
 
 def _round(x: float) -> int:
@@ -72,8 +77,7 @@ def fovea_box(
 ) -> tuple[int, int, int, int]:
     """Where the fovea looks, in original pixels. A native-resolution window needs both sides
     ≥ fovea_size; smaller images have no extra detail to gain, so the fovea is the whole image."""
-    if mode not in FOVEA_MODES:
-        raise InputError(f"unknown fovea mode {mode!r}; valid: {', '.join(FOVEA_MODES)}")
+    check_fovea_mode(mode)
     w, h = image_size
     if min(w, h) < fovea_size:
         return 0, 0, w, h
@@ -96,13 +100,9 @@ def fovea_view(image: Image.Image, box: tuple[int, int, int, int], fovea_size: i
     return crop
 
 
-def global_view(image: Image.Image, size: int = SIGLIP_IMAGE_SIZE) -> Image.Image:
-    """The whole image squashed to size² (aspect not kept, as SigLIP's own preprocessing does)."""
-    return image.resize((size, size), Image.BICUBIC)
-
-
 def to_pixel_values(image: Image.Image, size: int) -> torch.Tensor:
-    """PIL → [1, 3, size, size] SigLIP input (the same preprocessing as LaViDa's views)."""
+    """PIL → [1, 3, size, size] SigLIP input (the same preprocessing as LaViDa's views). The whole
+    image squashed to 384² this way is SHIRG's global view, exactly LaViDa's."""
     return image_to_tensor(image, size).unsqueeze(0)
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 
 from llava.errors import InputError
 from shirg_patches.foveal import FOVEA_GRID, box_to_token_rects
+from shirg_patches.scoring import minmax
 
 DISPLAY_MAX_SIDE = 1024  # drawing a 10k-pixel image at full size buys nothing but time
 DROPPED_RGBA = (0.0, 0.0, 0.0, 0.65)
@@ -31,9 +32,7 @@ def _token_colors(kept_mask: torch.Tensor, scores: Optional[torch.Tensor]) -> np
     """RGBA per token: dropped dark, kept clear or tinted by normalised score."""
     colors = np.zeros((kept_mask.numel(), 4))
     if scores is not None:
-        s = scores.double()
-        s = (s - s.min()) / (s.max() - s.min()) if s.max() > s.min() else torch.zeros_like(s)
-        colors = colormaps["viridis"](s.numpy())
+        colors = colormaps["viridis"](minmax(scores).numpy())
         colors[:, 3] = SCORE_ALPHA
     colors[~kept_mask.numpy()] = DROPPED_RGBA
     return colors

@@ -67,9 +67,9 @@ def diversity_score(features: torch.Tensor, provisional_idx: torch.Tensor) -> to
     return F.cosine_similarity(x, centroid[None], dim=-1)
 
 
-def _check_mode(mode: str) -> None:
+def check_score_mode(mode: str) -> None:
     if mode not in SCORE_MODES:
-        raise InputError(f"unknown SHIRG score mode {mode!r}; valid: {', '.join(SCORE_MODES)}")
+        raise InputError(f"unknown --shirg_score {mode!r}; valid: {', '.join(SCORE_MODES)}")
 
 
 def score_tokens(
@@ -88,7 +88,7 @@ def score_tokens(
     scores are used as weights. Without a question every mode except `random` and `attn`
     falls back to a alone and says so in `note`.
     """
-    _check_mode(mode)
+    check_score_mode(mode)
     m = features.shape[0]
     if mode == "random":
         return ScoreResult(torch.rand(m, generator=torch.Generator().manual_seed(int(seed))))

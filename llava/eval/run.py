@@ -23,6 +23,7 @@ from llava.conversation import build_prompt
 from llava.errors import InputError, LavidaError
 from llava.mm_utils import load_image, tokenizer_image_token
 from llava.model.builder import SMALL_MODEL_NAME, load_pretrained_model
+from llava.model.llava_arch import plain_values
 from llava.model.language_model.llada.generate import steps_per_block
 from llava.utils import StageTimer
 
@@ -85,16 +86,16 @@ def prune_options(args) -> dict:
     if args.pool and method.select is not None:
         raise InputError(f"--prune_method {method.name} never pools; drop --pool")
     if method.name == "shirg":  # fail before loading the model, not after encoding the image
-        from shirg_patches.foveal import FOVEA_MODES
-        from shirg_patches.scoring import SCORE_MODES
+        from shirg_patches.foveal import check_fovea_mode
+        from shirg_patches.scoring import check_score_mode
         from shirg_patches.shirg import keep_count
 
         if args.keep_ratio is not None:
             keep_count(args.keep_ratio)
-        if args.fovea is not None and args.fovea not in FOVEA_MODES:
-            raise InputError(f"unknown --fovea {args.fovea!r}; choose one of: {', '.join(FOVEA_MODES)}")
-        if args.shirg_score is not None and args.shirg_score not in SCORE_MODES:
-            raise InputError(f"unknown --shirg_score {args.shirg_score!r}; choose one of: {', '.join(SCORE_MODES)}")
+        if args.fovea is not None:
+            check_fovea_mode(args.fovea)
+        if args.shirg_score is not None:
+            check_score_mode(args.shirg_score)
         if args.save_heatmap is not None:
             from shirg_patches.heatmap import check_heatmap_path
 
@@ -111,11 +112,8 @@ def run(args) -> dict:
         raise InputError("--question is empty (only --prune_method shirg accepts that: it then ranks by attention alone)")
     opts = prune_options(args)
     block_length = args.block_length if args.block_length is not None else min(128, args.gen_length)
-    if args.gen_length <= 0 or block_length <= 0:
-        raise InputError("--gen-length and --block-length must be positive")
-    if args.gen_length % block_length:
-        raise InputError(f"--gen-length {args.gen_length} is not divisible by --block-length {block_length}")
-    steps_per_block(args.gen_length, block_length, args.steps)  # validates --steps before the model loads
+    # validates --gen-length, --block-length and --steps before the model loads
+    steps_per_block(args.gen_length, block_length, args.steps)
 
     try:
         device = torch.device(args.device)
@@ -146,7 +144,7 @@ def run(args) -> dict:
         with timer("heatmap"):
             save_heatmap(args.save_heatmap, image, visual.info["fovea_box"], visual.kept,
                          scores=visual.info.get("scores"), title=f"SHIRG: {visual.lm_token_count} tokens")
-    notes = {k: v for k, v in visual.info.items() if isinstance(v, (str, int, float))}
+    notes = plain_values(visual.info)
     if str(args.model_path) == SMALL_MODEL_NAME:
         notes["model"] = "built-in small model with random weights: the answer is noise, counts and timings are real"
     return {

@@ -25,8 +25,8 @@ from llava.constants import DEFAULT_GRID_PINPOINTS, FOVEA_SIZE, IMAGE_TOKEN_INDE
 from llava.errors import ConfigError, InputError
 from llava.mm_utils import get_anyres_image_grid_shape, image_to_tensor, process_anyres_image, unpad_bounds
 from llava.utils import NullTimer, StageTimer, logger
-from shirg_patches import ANYRES, GLOBAL_FOVEA, PruneContext, PruneMethod, Selection, get_method
-from shirg_patches.context import finalize_indices
+from shirg_patches import ANYRES, GLOBAL_FOVEA, PruneContext, PruneMethod, get_method
+from shirg_patches.context import run_select
 
 POOL_ENV = "NOT_ALWASY_DO_2DPOOL"  # upstream's (misspelled) switch; any non-empty value disables pooling
 DEFAULT_BUDGET = 980  # tokens kept by pruning baselines: SHIRG's count (= 5 x 196 nominal)
@@ -122,6 +122,15 @@ def tile_grid(tile_tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return tile_tokens.view(rows, cols, n, n, c).permute(0, 2, 1, 3, 4).reshape(rows * n, cols * n, c)
 
 
+def unpadded_tiles(view_tokens: torch.Tensor, image_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """The tile views [V-1 of n*n, C] as one spatial map, cropped to the image's aspect: [Hk, Wk, C]."""
+    cols, rows = grid
+    n = math.isqrt(view_tokens.shape[1])
+    tiles = tile_grid(view_tokens[1:], rows, cols)
+    r0, r1, c0, c1 = unpad_bounds(image_size, rows * n, cols * n)
+    return tiles[r0:r1, c0:c1]
+
+
 def arrange_anyres(
     view_tokens: torch.Tensor, image_size: tuple[int, int], grid: tuple[int, int]
 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -130,25 +139,17 @@ def arrange_anyres(
     This is the candidate layout pruning methods see: padding tokens (black canvas) are removed
     exactly as LaViDa's unpad step would, so no budget is spent on them.
     """
-    cols, rows = grid
     n = math.isqrt(view_tokens.shape[1])
-    base = view_tokens[0]
-    tiles = tile_grid(view_tokens[1:], rows, cols)
-    r0, r1, c0, c1 = unpad_bounds(image_size, rows * n, cols * n)
-    tiles = tiles[r0:r1, c0:c1]
-    flat = torch.cat([base, tiles.reshape(-1, tiles.shape[-1])])
-    return flat, [(n, n), (r1 - r0, c1 - c0)]
+    tiles = unpadded_tiles(view_tokens, image_size, grid)
+    flat = torch.cat([view_tokens[0], tiles.reshape(-1, tiles.shape[-1])])
+    return flat, [(n, n), tuple(tiles.shape[:2])]
 
 
 def merge_spatial_unpad(
     view_tokens: torch.Tensor, image_size: tuple[int, int], grid: tuple[int, int], newline: torch.Tensor
 ) -> torch.Tensor:
     """LaViDa's `spatial_unpad` merge: [global n*n ; unpadded tile rows each followed by `newline`]."""
-    cols, rows = grid
-    n = math.isqrt(view_tokens.shape[1])
-    tiles = tile_grid(view_tokens[1:], rows, cols)
-    r0, r1, c0, c1 = unpad_bounds(image_size, rows * n, cols * n)
-    tiles = tiles[r0:r1, c0:c1]
+    tiles = unpadded_tiles(view_tokens, image_size, grid)
     nl = newline.to(tiles.dtype).view(1, 1, -1).expand(tiles.shape[0], 1, -1)
     grid_tokens = torch.cat([tiles, nl], dim=1).reshape(-1, tiles.shape[-1])
     return torch.cat([view_tokens[0], grid_tokens])
@@ -173,10 +174,6 @@ class VisualTokens:
         if self.lm_context is not None:
             return self.lm_context.budget
         return self.tokens.shape[0]
-
-
-def _flatten_views(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if x is None else x.reshape(-1, *x.shape[2:])
 
 
 class LlavaMetaForCausalLM:
@@ -276,13 +273,17 @@ class LlavaMetaForCausalLM:
 
         with timer("selection"):
             flat_proj, shapes = arrange_anyres(proj, image.size, grid)
+
+            def arrange(x):  # every per-token tensor gets the candidates' layout
+                return None if x is None else arrange_anyres(x, image.size, grid)[0]
+
             ctx = PruneContext(
                 features=flat_proj,
-                vision_features=arrange_anyres(vis.features, image.size, grid)[0],
+                vision_features=arrange(vis.features),
                 view_shapes=shapes,
                 budget=_pop_budget(options, flat_proj.shape[0]),
-                attn_received=None if vis.attn_received is None else arrange_anyres(vis.attn_received.unsqueeze(-1), image.size, grid)[0][:, 0],
-                keys=None if vis.keys is None else arrange_anyres(vis.keys, image.size, grid)[0],
+                attn_received=None if vis.attn_received is None else arrange(vis.attn_received.unsqueeze(-1))[:, 0],
+                keys=arrange(vis.keys),
                 question_embedding=self.question_embedding(question_ids),
                 seed=int(options.pop("seed", 0)),
                 options=options,
@@ -291,12 +292,10 @@ class LlavaMetaForCausalLM:
                 # TopV: all candidates enter the prompt; the LM prunes them once during prefill.
                 return VisualTokens(flat_proj, method.name, flat_proj.shape[0], shapes, lm_context=ctx,
                                     lm_layer=method.lm_layer, info={"pooling": reason, "grid": grid})
-            sel = method.select(ctx)
-            sel = sel if isinstance(sel, Selection) else Selection(sel)
-            kept = finalize_indices(sel.indices, ctx.budget, ctx.num_tokens)
-            tokens = sel.tokens if sel.tokens is not None else flat_proj[kept]
-        return VisualTokens(tokens, method.name, flat_proj.shape[0], shapes, kept=kept,
-                            info={"pooling": reason, "grid": grid, **_public(ctx.options)})
+            sel = run_select(method.select, ctx)
+            tokens = sel.tokens if sel.tokens is not None else flat_proj[sel.indices]
+        return VisualTokens(tokens, method.name, flat_proj.shape[0], shapes, kept=sel.indices,
+                            info={"pooling": reason, "grid": grid, **plain_values(ctx.options)})
 
     def _encode_global_fovea(self, image, method, question_ids, options, timer) -> VisualTokens:
         """SHIRG: global 384² view -> 256 tokens, 448² fovea -> 1024 scored tokens -> keep K."""
@@ -304,13 +303,12 @@ class LlavaMetaForCausalLM:
 
         keep_ratio = options.pop("keep_ratio", shirg.DEFAULT_KEEP_RATIO)
         fovea_mode = options.pop("fovea", "center")
-        if fovea_mode not in foveal.FOVEA_MODES:
-            raise InputError(f"unknown --fovea {fovea_mode!r}; choose one of: {', '.join(foveal.FOVEA_MODES)}")
+        foveal.check_fovea_mode(fovea_mode)  # before any encoding, not after the global view
         k = shirg.keep_count(keep_ratio, shirg.FOVEA_TOKENS)
         logger.info("pooling off (--prune_method %s encodes its own global + foveal views)", method.name)
         tower = self.model.vision_tower
         with timer("preprocess"):
-            global_pixels = foveal.to_pixel_values(foveal.global_view(image), tower.image_size)
+            global_pixels = foveal.to_pixel_values(image, tower.image_size)
         with timer("vision"):
             g = self._vision(global_pixels, fovea_mode == "saliency")
         with timer("preprocess"):
@@ -338,14 +336,12 @@ class LlavaMetaForCausalLM:
                 seed=int(options.pop("seed", 0)),
                 options=options,
             )
-            sel = method.select(ctx)
-            sel = sel if isinstance(sel, Selection) else Selection(sel)
-            kept = finalize_indices(sel.indices, k, ctx.num_tokens)
+            kept = run_select(method.select, ctx).indices
             global_tokens = shirg.resize_global_tokens(g_proj)
             tokens = shirg.assemble_tokens(global_tokens, f_proj, kept)
         info = {"fovea_box": box, "fovea": fovea_mode, "keep_ratio": keep_ratio, "global_tokens": global_tokens.shape[0],
                 "pooling": "pooling off (SHIRG views)", "scores": ctx.options.get("shirg_scores"),
-                **_public(ctx.options)}
+                **plain_values(ctx.options)}
         return VisualTokens(tokens, method.name, global_tokens.shape[0] + ctx.num_tokens,
                             [(16, 16), (side, side)], kept=kept, info=info)
 
@@ -400,9 +396,9 @@ def _pop_budget(options: dict, candidates: int) -> int:
     return budget
 
 
-def _public(options: dict) -> dict:
-    """Notes a method left in ctx.options that are worth showing (plain values, not tensors)."""
-    return {k: v for k, v in options.items() if isinstance(v, (str, int, float)) and not k.startswith("_")}
+def plain_values(notes: dict) -> dict:
+    """The entries worth showing to a user: plain values, not tensors or private keys."""
+    return {k: v for k, v in notes.items() if isinstance(v, (str, int, float)) and not k.startswith("_")}
 
 
 def make_lm_prune_hook(visual: Sequence[VisualTokens], spans: Sequence[tuple[int, int]]):
@@ -428,9 +424,7 @@ def make_lm_prune_hook(visual: Sequence[VisualTokens], spans: Sequence[tuple[int
         ctx = v.lm_context
         ctx.options["layer_inputs"] = hidden_in[0, start:end].float()
         ctx.options["layer_outputs"] = hidden_out[0, start:end].float()
-        sel = get_method(v.method).select(ctx)
-        sel = sel if isinstance(sel, Selection) else Selection(sel)
-        kept = finalize_indices(sel.indices, ctx.budget, ctx.num_tokens)
+        kept = run_select(get_method(v.method).select, ctx).indices
         v.kept = kept
         fired.append(True)
         seq = hidden_out.shape[1]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from llava.errors import InputError
 from shirg_patches.baselines.random_stride import spread
-from shirg_patches.context import PruneContext, finalize_indices, top_k_indices
+from shirg_patches.context import PruneContext, complement, finalize_indices, top_k_indices
 
 DEFAULT_TOPV_LAYER = 2
 MAX_DIST = 2 ** 0.5  # largest distance between two positions in one view
@@ -86,8 +86,6 @@ def select_topv(ctx: PruneContext) -> torch.Tensor:
                          view_sizes=[r * c for r, c in ctx.view_shapes])
     n_recover = round(opt.get("recovery_ratio", 0.1) * ctx.budget)
     top = top_k_indices(scores, ctx.budget - n_recover)
-    pruned = torch.ones(ctx.num_tokens, dtype=torch.bool, device=top.device)
-    pruned[top] = False
-    pruned = pruned.nonzero().squeeze(1)
+    pruned = complement(top, ctx.num_tokens)
     recovered = pruned[spread(n_recover, pruned.numel())]
     return finalize_indices(torch.cat([top, recovered]), ctx.budget, ctx.num_tokens)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from llava.errors import InputError
 from shirg_patches.baselines.random_stride import spread
-from shirg_patches.context import PruneContext, Selection, finalize_indices, top_k_indices
+from shirg_patches.context import PruneContext, Selection, complement, finalize_indices, top_k_indices
 
 
 def select_visionzip(ctx: PruneContext) -> Selection:
@@ -24,9 +24,7 @@ def select_visionzip(ctx: PruneContext) -> Selection:
         raise InputError("visionzip needs attention-received scores (ctx.attn_received)")
     n_dom = round(ctx.options.get("dominant_ratio", 0.85) * ctx.budget)
     dominant = top_k_indices(ctx.attn_received, n_dom)
-    rest = torch.ones(ctx.num_tokens, dtype=torch.bool, device=dominant.device)
-    rest[dominant] = False
-    rest = rest.nonzero().squeeze(1)
+    rest = complement(dominant, ctx.num_tokens)
     is_target = torch.zeros(rest.numel(), dtype=torch.bool, device=rest.device)
     is_target[spread(ctx.budget - n_dom, rest.numel())] = True
     targets, merged = rest[is_target], rest[~is_target]

@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 from llava.errors import InputError
-from shirg_patches.foveal import box_to_token_rects, fovea_box, fovea_view, global_view, to_pixel_values
+from shirg_patches.foveal import box_to_token_rects, fovea_box, fovea_view, to_pixel_values
 
 
 def test_center_box():
@@ -59,7 +59,7 @@ def test_fovea_box_errors():
 def test_views_have_fixed_size(size):
     img = Image.new("RGB", size, (10, 20, 30))
     assert fovea_view(img, fovea_box(size)).size == (448, 448)
-    assert global_view(img).size == (384, 384)
+    assert to_pixel_values(img, 384).shape == (1, 3, 384, 384)  # the global view
 
 
 def test_native_fovea_is_an_unscaled_crop():

@@ -8,13 +8,13 @@ runs only the L response slots; without it each step re-runs [prompt; response] 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from llava.errors import InputError
+from llava.utils import synced_now
 
 from .modeling_llada import LLaDAModel, PrefixCache, PruneHook
 
@@ -162,13 +162,6 @@ class GenerationOutput:
     prefix_cache: Optional[PrefixCache] = None
 
 
-def _now(device: torch.device) -> float:
-    """Wall clock after the device has finished queued work, so per-step times are real on CUDA."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 @torch.no_grad()
 def generate(
     model: LLaDAModel,
@@ -213,9 +206,9 @@ def generate(
 
     cache, nfe, prefill_seconds, step_seconds = None, 0, 0.0, []
     if prefix_cache:
-        t0 = _now(device)
+        t0 = synced_now(device)
         cache = model.prefill(prompt_embeds, prune_hook)
-        prefill_seconds = _now(device) - t0
+        prefill_seconds = synced_now(device) - t0
         nfe += 1
 
     for start in range(0, gen_length, block_length):
@@ -226,7 +219,7 @@ def generate(
             in_block = tokens[:, start:end] == mask_id
             if not in_block.any():
                 continue
-            t0 = _now(device)
+            t0 = synced_now(device)
             response = model.embed_tokens(tokens)
             if cache is not None:
                 logits = model(response, prefix_cache=cache)
@@ -243,7 +236,7 @@ def generate(
             commit = (ranks < counts[:, i : i + 1]) & in_block
             tokens[:, start:end] = torch.where(commit, x0, tokens[:, start:end])
             nfe += 1
-            step_seconds.append(_now(device) - t0)
+            step_seconds.append(synced_now(device) - t0)
             if on_step is not None:
                 on_step(len(step_seconds) - 1, tokens, cache)
 
