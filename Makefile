@@ -13,7 +13,7 @@ QUESTION ?= What is the value of the tallest bar?
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e ".[dev,train]"
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e ".[dev,train,eval]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,6 +34,7 @@ test-shapes: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m llava.eval.bench
+	$(PY) -m llava.eval.bench --load
 
 costmodel: $(STAMP)
 	$(PY) -m llava.eval.costmodel

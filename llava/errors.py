@@ -22,3 +22,7 @@ class ImageError(LavidaError):
 
 class InputError(LavidaError):
     """A flag or argument value is invalid (bad prune method, lengths, ratios, empty question)."""
+
+
+class DataError(LavidaError):
+    """An evaluation data set is missing a file, or one of its records is malformed (the message names them)."""

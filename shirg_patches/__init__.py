@@ -1,81 +1,33 @@
-"""The `--prune_method` registry: CLI name -> how the visual tokens are produced.
+"""Prune methods for LaViDa, one file each, behind one registry (`shirg_patches.registry`).
 
-Every method is decided once, before the diffusion steps, so the prefix K/V cache stays
-valid for the whole answer. A method says which views it encodes, whether LaViDa's 27->14
-pooling applies, and (for pruning methods) a pure `select(ctx) -> indices | Selection`.
+Importing the package imports LaViDa's own methods (`lavida.py`), SHIRG (`shirg.py`) and every
+module in `baselines/`; each method file registers itself, so adding a method is adding one file
+to `baselines/`. Infrastructure modules (scoring, fovea, heat-map) are imported by the methods
+that use them, never eagerly. Lists of methods (CLI choices, bench,
+cost model, tests, scripts) all read `REGISTRY`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import importlib
+import pkgutil
 
-from llava.errors import InputError
-from shirg_patches.context import PruneContext, Selection, SelectFn
+from shirg_patches.context import EncodeRequest, PruneContext, Selection, VisualTokens, run_select
+from shirg_patches.registry import REGISTRY, BudgetOptions, MethodOptions, NoOptions, PruneMethod, get_method, register
 
-ANYRES = "anyres"  # LaViDa's global 384² view + grid tiles
-GLOBAL_FOVEA = "global+fovea"  # SHIRG: global 384² view + one 448² foveal view
-
-
-@dataclass(frozen=True)
-class PruneMethod:
-    name: str
-    summary: str
-    views: str = ANYRES
-    pool: Optional[bool] = None  # anyres only: True pools 27->14, None = pooling flag decides
-    select: Optional[SelectFn] = None  # None: keep everything (LaViDa merge with newline tokens)
-    needs_attention: bool = False  # wants SigLIP attention-received scores
-    needs_keys: bool = False  # wants SigLIP keys of the last kept layer
-    lm_layer: Optional[int] = None  # prune inside the LM after this layer during prefill (TopV)
+# LaViDa's own methods first, then SHIRG, then the baselines: the order every listing shows
+_FIRST = ("lavida", "shirg")
 
 
-REGISTRY: dict[str, PruneMethod] = {}
+def _discover() -> None:
+    for name in _FIRST:
+        importlib.import_module(f"{__name__}.{name}")
+    baselines = importlib.import_module(f"{__name__}.baselines")
+    for info in sorted(pkgutil.iter_modules(baselines.__path__), key=lambda i: i.name):
+        if not info.ispkg:
+            importlib.import_module(f"{baselines.__name__}.{info.name}")
 
 
-def register(method: PruneMethod) -> PruneMethod:
-    if method.name in REGISTRY:
-        raise ValueError(f"prune method {method.name!r} registered twice")
-    REGISTRY[method.name] = method
-    return method
+_discover()
 
-
-def get_method(name: str) -> PruneMethod:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise InputError(
-            f"unknown --prune_method {name!r}; choose one of: {', '.join(sorted(REGISTRY))}"
-        ) from None
-
-
-register(PruneMethod("lavida", "LaViDa any-res; pooling follows --pool/--no-pool, NOT_ALWASY_DO_2DPOOL, config"))
-register(PruneMethod("pool", "LaViDa default: 5 views pooled 27x27->14x14, newline per row (1008 for a square image)", pool=True))
-register(PruneMethod("full", "LaViDa unpooled: 5 views x 729 tokens, newline per row (3699 for a square image)", pool=False))
-
-
-def _register_methods() -> None:
-    # imported here so `shirg_patches.context` stays importable on its own
-    from shirg_patches.baselines.divprune import select_divprune
-    from shirg_patches.baselines.random_stride import select_random, select_stride
-    from shirg_patches.baselines.saint import select_saint
-    from shirg_patches.baselines.topv import DEFAULT_TOPV_LAYER, select_topv
-    from shirg_patches.baselines.visionzip import select_visionzip
-    from shirg_patches.shirg import select_shirg
-
-    register(PruneMethod(
-        "shirg", "SHIRG: global 384² -> 256 tokens + top-724 of a 448² fovea (1024) = 980",
-        views=GLOBAL_FOVEA, select=select_shirg, needs_attention=True))
-    # Baselines prune LaViDa's unpooled any-res tokens (global 27x27 + unpadded tile grid) to --budget.
-    register(PruneMethod("random", "uniform random subset (seeded)", select=select_random))
-    register(PruneMethod("stride", "uniform spatial grid per view", select=select_stride))
-    register(PruneMethod("saint", "drop the most redundant tokens of the SigLIP-key cosine graph", select=select_saint,
-                         needs_keys=True))
-    register(PruneMethod("topv", "optimal-transport importance at an early LM layer, pruned once in prefill",
-                         select=select_topv, lm_layer=DEFAULT_TOPV_LAYER))
-    register(PruneMethod("visionzip", "top attention-received tokens + merged contextual tokens",
-                         select=select_visionzip, needs_attention=True, needs_keys=True))
-    register(PruneMethod("divprune", "greedy max-min diversity of the projected tokens", select=select_divprune))
-
-
-_register_methods()
-
-__all__ = ["PruneContext", "PruneMethod", "Selection", "REGISTRY", "get_method", "register", "ANYRES", "GLOBAL_FOVEA"]
+__all__ = ["REGISTRY", "BudgetOptions", "EncodeRequest", "MethodOptions", "NoOptions", "PruneContext",
+           "PruneMethod", "Selection", "VisualTokens", "get_method", "register", "run_select"]

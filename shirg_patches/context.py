@@ -1,17 +1,18 @@
-"""What a prune method may look at.
+"""The contract between the core and a prune method: what a method may look at, what it returns.
 
-A prune method is a pure function ``select(ctx: PruneContext) -> LongTensor`` returning the
-indices (into ``ctx.features``' token axis) it keeps, sorted ascending. Candidate tokens are
-laid out view after view, each view in raster order, so ascending indices are raster order
-within every view. Nothing here holds the model: methods that must act inside the LM (TopV)
-get a narrow callback instead (`lm_hook`).
+A prune method's `select(ctx: PruneContext)` returns the indices (into ``ctx.features``' token
+axis) it keeps, or a `Selection` with replacement tokens and diagnostics; `run_select` is the one
+place that sorts them into raster order and checks the contract. Candidate tokens are laid out
+view after view, each view in raster order, so ascending indices are raster order within every
+view. Nothing here holds the model: methods that act inside the LM get a narrow prefill callback.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+from PIL import Image
 
 
 @dataclass
@@ -28,6 +29,9 @@ class PruneContext:
     question_embedding: [D_lm] mean LM input embedding of the question tokens, or None
                      when there is no question.
     seed:            seed for any randomness; methods must be deterministic given it.
+    options:         the method's own options dataclass (read-only for the method).
+    lm_hidden_in / lm_hidden_out: [N, D_lm] hidden states of the candidates entering / leaving
+                     the LM layer a method prunes at (only for methods that act inside the LM).
     """
 
     features: torch.Tensor
@@ -38,7 +42,9 @@ class PruneContext:
     keys: Optional[torch.Tensor] = None
     question_embedding: Optional[torch.Tensor] = None
     seed: int = 0
-    options: dict = field(default_factory=dict)
+    options: Any = None
+    lm_hidden_in: Optional[torch.Tensor] = None
+    lm_hidden_out: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         n = self.features.shape[0]
@@ -77,44 +83,67 @@ class PruneContext:
 class Selection:
     """What a method keeps. Index-style methods set only `indices`; merge-style methods
     (VisionZip's contextual tokens) also give the replacement `tokens` [len(indices), D_lm],
-    placed at the kept positions so raster order still holds."""
+    paired with `indices` element by element. `info` carries diagnostics (scores, notes) for
+    the CLI and heat-map: methods report there, never by writing into their inputs."""
 
     indices: torch.Tensor
     tokens: Optional[torch.Tensor] = None
+    info: dict = field(default_factory=dict)
 
 
 SelectFn = Callable[[PruneContext], "torch.Tensor | Selection"]
-
-
-def finalize_indices(indices: torch.Tensor, budget: int, num_tokens: int) -> torch.Tensor:
-    """Sort into raster order and check the contract every method promises."""
-    indices = torch.as_tensor(indices, dtype=torch.long).flatten()
-    indices, _ = torch.sort(indices)
-    if indices.numel() != budget:
-        raise RuntimeError(f"prune method returned {indices.numel()} tokens, budget is {budget}")
-    if indices.numel() and (indices[0] < 0 or indices[-1] >= num_tokens):
-        raise RuntimeError("prune method returned an index out of range")
-    if torch.unique(indices).numel() != indices.numel():
-        raise RuntimeError("prune method returned duplicate indices")
-    return indices
+# prune_hook(layer_idx, hidden_in, hidden_out, positions) -> indices later layers keep, or None
+PruneHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
 
 
 def run_select(select: SelectFn, ctx: PruneContext) -> Selection:
-    """Call a method and hold it to the contract: a Selection whose indices are checked and sorted."""
+    """Call a method and hold it to the contract: exactly `budget` distinct in-range indices,
+    returned sorted (raster order) with any replacement tokens permuted alongside."""
     sel = select(ctx)
     sel = sel if isinstance(sel, Selection) else Selection(sel)
-    return Selection(finalize_indices(sel.indices, ctx.budget, ctx.num_tokens), sel.tokens)
+    indices = torch.as_tensor(sel.indices, dtype=torch.long).flatten()
+    indices, order = torch.sort(indices)
+    if indices.numel() != ctx.budget:
+        raise RuntimeError(f"prune method returned {indices.numel()} tokens, budget is {ctx.budget}")
+    if indices.numel() and (indices[0] < 0 or indices[-1] >= ctx.num_tokens):
+        raise RuntimeError("prune method returned an index out of range")
+    if torch.unique(indices).numel() != indices.numel():
+        raise RuntimeError("prune method returned duplicate indices")
+    tokens = None if sel.tokens is None else sel.tokens[order]
+    return Selection(indices, tokens, sel.info)
 
 
-def complement(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """The indices in [0, num_tokens) not in `indices`, ascending."""
-    keep = torch.ones(num_tokens, dtype=torch.bool, device=indices.device)
-    keep[indices] = False
-    return keep.nonzero().squeeze(1)
+@dataclass
+class EncodeRequest:
+    """One image to encode, with everything a method's view encoder may need besides the model."""
+
+    image: Image.Image
+    question_ids: Optional[Sequence[int]]
+    options: Any  # the method's options dataclass
+    seed: int = 0
+    pool: Optional[bool] = None  # the explicit --pool/--no-pool flag (LaViDa's own path only)
 
 
-def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Deterministic top-k: ties broken by the lower index. Returns indices sorted ascending."""
-    # stable sort on -score keeps lower index first among equal scores
-    order = torch.sort(-scores.float(), stable=True).indices
-    return torch.sort(order[:k]).values
+@dataclass
+class VisualTokens:
+    """The tokens one image contributes to the prompt, and how they were chosen.
+
+    Methods that prune inside the LM put all candidates in `tokens`, their `PruneContext` in
+    `context`, the count the LM keeps in `lm_tokens`, and a `prefill_hook(start, end, n_layers)`
+    factory that the model calls with the image's span in the prompt.
+    """
+
+    tokens: torch.Tensor  # [T, D_lm] spliced into the prompt
+    method: str
+    candidates: int  # tokens available before selection (equal to T for pool/full)
+    view_shapes: list = field(default_factory=list)
+    kept: Optional[torch.Tensor] = None  # indices into the candidates, raster order
+    info: dict = field(default_factory=dict)
+    context: Optional[PruneContext] = None
+    lm_tokens: Optional[int] = None
+    prefill_hook: Optional[Callable[[int, int, int], PruneHook]] = None
+
+    @property
+    def lm_token_count(self) -> int:
+        """Visual tokens the LM keeps past any in-LM pruning (= T otherwise)."""
+        return self.tokens.shape[0] if self.lm_tokens is None else self.lm_tokens

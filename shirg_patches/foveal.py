@@ -1,4 +1,4 @@
-"""SHIRG views: a 384² global view of the whole image and one 448² foveal view (design §2).
+"""SHIRG views: a 384² global view of the whole image and one 448² foveal view.
 
 Boxes are (left, top, right, bottom) in original image pixels, right/bottom exclusive. The
 global view stretches the whole image to a square, so global-grid cell (r, c) covers image
@@ -13,12 +13,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from llava.constants import FOVEA_SIZE, SIGLIP_PATCH_SIZE
+from llava.constants import FOVEA_GRID, FOVEA_SIZE
 from llava.errors import InputError
 from llava.mm_utils import image_to_tensor
 
 FOVEA_MODES = ("center", "saliency")
-FOVEA_GRID = FOVEA_SIZE // SIGLIP_PATCH_SIZE  # 32 tokens per side
 
 
 def check_fovea_mode(mode: str) -> None:

@@ -5,8 +5,6 @@ nor changes the global backend for anyone else in the process.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +18,9 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from llava.errors import InputError
-from shirg_patches.foveal import FOVEA_GRID, box_to_token_rects
+from llava.utils import atomic_file
+from llava.constants import FOVEA_GRID
+from shirg_patches.foveal import box_to_token_rects
 from shirg_patches.scoring import minmax
 
 DISPLAY_MAX_SIDE = 1024  # drawing a 10k-pixel image at full size buys nothing but time
@@ -100,16 +100,8 @@ def save_heatmap(
     fmt = check_heatmap_path(path)
     fig = _draw(image, fovea_box, kept_indices, scores, title, grid)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with atomic_file(path) as fh:
+            fig.savefig(fh, format=fmt)
     except OSError as e:
         raise InputError(f"cannot write heat-map {path}: {e}") from e
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
     return path

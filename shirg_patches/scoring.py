@@ -1,4 +1,4 @@
-"""SHIRG token scores for the foveal view (design §3).
+"""SHIRG token scores for the foveal view.
 
 Every score is computed once, before the LM, from the vision tower's attention and the
 question embedding, so the selection never depends on the diffusion state and the prefix
@@ -12,8 +12,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from llava.constants import (
+    SCORE_V1_ATTN,
+    SCORE_V1_SIM,
+    SCORE_V2_ATTN,
+    SCORE_V2_DIVERSITY,
+    SCORE_V2_SIM,
+    SCORE_V2_TEMPERATURE,
+    SHIRG_KEPT,
+)
 from llava.errors import InputError
-from shirg_patches.context import top_k_indices
+from shirg_patches.ops import top_k_indices
 
 SCORE_MODES = ("attn", "sim", "v1", "v2", "random")
 NO_QUESTION_NOTE = "no question: text relevance s is undefined, ranking by attention a alone"
@@ -77,9 +86,9 @@ def score_tokens(
     attn_received: Optional[torch.Tensor],
     question_embedding: Optional[torch.Tensor],
     mode: str = "v1",
-    k: int = 724,
+    k: int = SHIRG_KEPT,
     seed: int = 0,
-    temperature: float = 0.15,
+    temperature: float = SCORE_V2_TEMPERATURE,
 ) -> ScoreResult:
     """Score the M foveal tokens (features [M, D] after the projector, attn_received [M]).
 
@@ -105,11 +114,11 @@ def score_tokens(
     if s is None:
         return ScoreResult(a, NO_QUESTION_NOTE)
     if mode == "v1":
-        return ScoreResult(0.7 * a + 0.3 * s)
+        return ScoreResult(SCORE_V1_ATTN * a + SCORE_V1_SIM * s)
     if not 1 <= k <= m:
         raise ValueError(f"provisional set size k must be in [1, {m}], got {k}")
     if not temperature > 0:
         raise InputError(f"softmax temperature must be > 0, got {temperature}")
-    first = 0.5 * a + 0.3 * s
+    first = SCORE_V2_ATTN * a + SCORE_V2_SIM * s
     d = diversity_score(features, top_k_indices(first, k))
-    return ScoreResult(torch.softmax((first - 0.1 * d) / temperature, dim=0))
+    return ScoreResult(torch.softmax((first - SCORE_V2_DIVERSITY * d) / temperature, dim=0))

@@ -20,6 +20,10 @@ with and without the prefix K/V cache, for pool, full and shirg.
 TopV selects inside the LM during prefill; here it scores the pre-LM features (its documented
 fallback), i.e. the same Sinkhorn work without an LM. This is a benchmark, not a test:
 numbers depend on the machine. Read the CPU ratios against `python -m llava.eval.costmodel`.
+
+`--load` runs only a separate memory benchmark instead: a ~0.85 GB model is saved sharded
+(`--max-shard-size`, default 200MB) and as one file, and each is loaded in a fresh process
+whose peak RSS growth is compared with the weights' size on disk. `make bench` runs both.
 """
 from __future__ import annotations
 
@@ -36,8 +40,14 @@ from llava.eval.run import DEFAULT_IMAGE, DEFAULT_QUESTION
 from llava.mm_utils import load_image
 from llava.utils import StageTimer
 
-ENCODED_METHODS = ("pool", "full", "shirg")
-BASELINES = ("random", "stride", "saint", "topv", "visionzip", "divprune")
+
+def method_groups() -> tuple[list[str], list[str]]:
+    """(methods that encode their own tokens each round, budgeted baselines over `full`'s candidates),
+    read from the registry: LaViDa's own methods and methods with their own views vs the rest."""
+    from shirg_patches import REGISTRY
+
+    encoded = [n for n, m in REGISTRY.items() if not m.budgeted and (m.pool is not None or m.encode is not None)]
+    return encoded, [n for n, m in REGISTRY.items() if m.budgeted]
 
 
 def so400m_bench_model():
@@ -70,9 +80,9 @@ def encode_once(model, image, method, qids) -> tuple[float, float, float, int]:
 
     timer = StageTimer()
     v = model.encode_image(image, method, qids, {"seed": 0}, timer=timer)
-    if get_method(method).lm_layer is not None:  # TopV: score the pre-LM features
+    if v.context is not None:  # selection deferred into the LM: score the pre-LM features
         with timer("selection"):
-            get_method(method).select(v.lm_context)
+            get_method(method).select(v.context)
     s = timer.seconds
     select = s.get("selection", 0.0) + s.get("merge", 0.0)
     vision = s.get("vision", 0.0) + s.get("projector", 0.0)
@@ -80,17 +90,19 @@ def encode_once(model, image, method, qids) -> tuple[float, float, float, int]:
 
 
 def capture_candidates(model, image, qids):
-    """The `full` candidates with everything any baseline reads (attention, keys, question)."""
-    from shirg_patches import get_method
+    """The `full` candidates with everything any baseline reads (attention, keys, question): a
+    method that defers its selection into the LM returns exactly that context before the LM."""
+    from shirg_patches import REGISTRY
 
-    probe = dataclasses.replace(get_method("topv"), needs_attention=True, needs_keys=True)
-    return model.encode_image(image, probe, qids, {"seed": 0}).lm_context
+    deferred = next(m for m in REGISTRY.values() if m.prefill_hook is not None)
+    probe = dataclasses.replace(deferred, needs_attention=True, needs_keys=True)
+    return model.encode_image(image, probe, qids, {"seed": 0}).context
 
 
 def time_selection(ctx, method) -> tuple[float, int]:
     from shirg_patches import get_method
 
-    ctx = dataclasses.replace(ctx, options={})
+    ctx = dataclasses.replace(ctx, options=get_method(method).make_options({"budget": ctx.budget}))
     start = time.perf_counter()
     get_method(method).select(ctx)
     return time.perf_counter() - start, ctx.budget
@@ -100,7 +112,8 @@ def bench(model, tokenizer, image, question, methods, repeats, warmup, shared_vi
     """Interleaved rounds; with `shared_vision` baselines reuse `full`'s vision time of the round."""
     qids = tokenizer(question, add_special_tokens=False).input_ids
     samples = {m: Samples() for m in methods}
-    encoded = [m for m in methods if not (shared_vision and m in BASELINES)]
+    baselines = method_groups()[1]
+    encoded = [m for m in methods if not (shared_vision and m in baselines)]
     ctx = capture_candidates(model, image, qids) if shared_vision else None
     with torch.no_grad():
         for r in range(warmup + repeats):
@@ -160,19 +173,111 @@ def bench_answers(model, tokenizer, image, question, methods, repeats, gen_lengt
     return "\n".join(lines)
 
 
+def load_bench_model():
+    """~0.85 GB of fp32 weights: a 10-layer 1024-d LLaDA and a 12-layer 768-d SigLIP (random)."""
+    from llava.model.builder import build_small_tokenizer, small_model_config
+    from llava.model.language_model.llava_llada import LlavaLLaDAConfig, LlavaLLaDAForCausalLM
+
+    tok = build_small_tokenizer()
+    raw = small_model_config(tok)
+    raw.update(d_model=1024, n_layers=10, n_heads=16, n_kv_heads=16, mlp_hidden_size=2816, mm_hidden_size=768)
+    raw["vision_config"].update(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    torch.manual_seed(0)
+    return tok, LlavaLLaDAForCausalLM(LlavaLLaDAConfig.from_dict(raw)).eval()
+
+
+def _rss_bytes(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def load_child(folder: str) -> None:
+    """Runs in a fresh interpreter: load `folder`, print RSS before/after as JSON.
+
+    The peak is VmHWM where /proc exists: ru_maxrss survives fork+exec on Linux, so a child of
+    the parent that just built the model would report the parent's size."""
+    import json
+    import resource
+
+    from llava.model.builder import load_pretrained_model, load_tokenizer, siglip_image_processor
+
+    load_tokenizer(folder)  # import and warm up everything but the weights
+    siglip_image_processor(384)
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    baseline = _rss_bytes("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    start = time.perf_counter()
+    load_pretrained_model(folder)
+    seconds = time.perf_counter() - start
+    peak = _rss_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    print(json.dumps({"baseline": baseline, "peak": peak, "seconds": seconds}))
+
+
+def bench_load(shard_sizes: Sequence[str]) -> str:
+    """Save the mid-size model with each shard size, load each in a fresh process; peak RSS
+    growth during loading over the weights' size on disk (goal <= 1.3x: one copy, not two)."""
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from llava.model.builder import save_pretrained
+
+    tok, model = load_bench_model()
+    rows = [f"{'max shard':>10}{'files':>7}{'on disk MB':>12}{'baseline MB':>13}{'peak MB':>10}"
+            f"{'growth MB':>11}{'ratio':>8}{'load s':>8}"]
+    with tempfile.TemporaryDirectory(prefix="lavida-load-bench-") as tmp:
+        for size in shard_sizes:
+            folder = save_pretrained(model, tok, Path(tmp) / f"ckpt-{size}", max_shard_size=size)
+            files = list(folder.glob("*.safetensors"))
+            disk = sum(f.stat().st_size for f in files)
+            child = subprocess.run([sys.executable, "-m", "llava.eval.bench", "--load-child", str(folder)],
+                                   capture_output=True, text=True)
+            if child.returncode:
+                raise RuntimeError(f"loading {folder} in a child process failed:\n{child.stderr[-2000:]}")
+            r = json.loads(child.stdout.strip().splitlines()[-1])
+            growth = r["peak"] - r["baseline"]
+            rows.append(f"{size:>10}{len(files):>7}{disk / 1e6:>12.0f}{r['baseline'] / 1e6:>13.0f}"
+                        f"{r['peak'] / 1e6:>10.0f}{growth / 1e6:>11.0f}{growth / disk:>7.2f}x{r['seconds']:>8.1f}")
+    return "\n".join(rows)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llava.eval.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--image", default=str(DEFAULT_IMAGE))
     p.add_argument("--question", default=DEFAULT_QUESTION)
-    p.add_argument("--methods", default=",".join(ENCODED_METHODS + BASELINES))
+    p.add_argument("--methods", default=None, help="comma list (default: every registered method but lavida)")
     p.add_argument("--repeats", type=int, default=5, help="rounds on the small model")
     p.add_argument("--large-repeats", type=int, default=2, help="rounds on the so400m-size model (~2.5 min each)")
     p.add_argument("--skip-large", action="store_true", help="only the built-in small model")
+    p.add_argument("--load", action="store_true",
+                   help="only the checkpoint-loading memory benchmark (peak RSS vs weights on disk)")
+    p.add_argument("--max-shard-size", default="200MB", help="shard size of the --load checkpoint")
+    p.add_argument("--load-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.load_child:
+        load_child(args.load_child)
+        return 0
+    if args.load:
+        from llava.errors import InputError
+        from llava.model.builder import parse_size
+
+        try:
+            parse_size(args.max_shard_size)  # fail before building and saving ~1 GB
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        table = bench_load([args.max_shard_size, "100GB"])  # sharded, then one file
+        print(f"\n== checkpoint loading, ~0.85 GB fp32 model, fresh process per row ==\n{table}")
+        print("\nTarget: ratio <= 1.3x (about one copy of the weights in RAM, not two).")
+        return 0
     from llava.model.builder import build_small_model
     from shirg_patches import REGISTRY
 
-    methods = [m for m in args.methods.split(",") if m]
+    encoded, baselines = method_groups()
+    methods = [m for m in args.methods.split(",") if m] if args.methods else encoded + baselines
     unknown = [m for m in methods if m not in REGISTRY]
     if unknown:
         print(f"error: unknown method(s) {', '.join(unknown)}; have {', '.join(sorted(REGISTRY))}", file=sys.stderr)
@@ -186,7 +291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tok, model = build_small_model()
     samples = bench(model, tok, image, args.question, methods, args.repeats, warmup=1, shared_vision=False)
     print(format_table(f"\n== built-in small model (SigLIP 64-d, 3 layers): {head} {args.repeats} rounds ==", samples))
-    answer_methods = [m for m in ("pool", "full", "shirg") if m in methods]
+    answer_methods = [m for m in encoded if m in methods]
     print(f"\n== built-in small model, whole answer (gen length 32, 16 steps): {head} {args.repeats} rounds ==")
     print(bench_answers(model, tok, image, args.question, answer_methods, args.repeats), flush=True)
     if not args.skip_large:
@@ -197,7 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"\n== random-weight SigLIP-so400m + 1152->4096->4096 projector: {head} {args.large_repeats} rounds;"
             f"\n   baselines = full's vision of the round + their own selection on the real-size candidates ==",
             samples))
-    print("\nTargets (shirg-design.md): SHIRG <= 1.00x pool (1,753 SigLIP tokens vs 3,645); selection <= 2% of vision.")
+    print("\nTargets: SHIRG <= 1.00x pool (1,753 SigLIP tokens vs 3,645); selection <= 2% of vision.")
     return 0
 
 

@@ -13,7 +13,7 @@ Counting conventions (batch size 1):
   residual adds and RoPE are assumed fused into neighbouring kernels. LM attention is a fused
   (flash) kernel: it reads Q, K, V and writes O, scores never reach memory — so a cached step
   reads the whole K/V cache once per layer. SigLIP attention is eager with an fp32 softmax
-  (lavida-reference §4.1): its score matrix is written and read once in fp32 and the
+  (LaViDa's SigLIP runs eager attention): its score matrix is written and read once in fp32 and the
   probabilities written and read once in the activation dtype.
 * LM head: logits only for the response slots (prompt logits are unused; upstream computes
   them in the prefill and in uncached steps, which would add 2·T·d·vocab FLOPs). Prompt
@@ -30,7 +30,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from llava.constants import FOVEA_SIZE, SIGLIP_IMAGE_SIZE, SIGLIP_PATCH_SIZE
+from llava.constants import POOLED_GRID, SIGLIP_GRID, SIGLIP_PATCH_SIZE, TOKEN_BUDGET
 
 
 @dataclass(frozen=True)
@@ -260,13 +260,8 @@ def lm_forward(dims: ModelDims, q_tokens: int, kv_tokens: int, logit_tokens: int
 
 def square_hd_tokens(side: int) -> int:
     """LM image tokens for a square HD image (5 views, spatial_unpad): base side² plus a
-    2side×2side grid with one newline per row (lavida-reference §4.5)."""
+    2side×2side grid with one newline per row (upstream's spatial_unpad merge)."""
     return side * side + 2 * side * (2 * side + 1)
-
-
-SHIRG_GLOBAL_TOKENS = 16 * 16
-SHIRG_KEPT = 724
-BUDGET = SHIRG_GLOBAL_TOKENS + SHIRG_KEPT  # 980, the equal-token budget for SHIRG and the baselines
 
 
 @dataclass(frozen=True)
@@ -282,18 +277,23 @@ class Method:
         return sum(views * dims.vision.tokens(side) for views, side in self.tower_calls)
 
 
-_ANYRES = ((5, SIGLIP_IMAGE_SIZE),)
-_N = SIGLIP_IMAGE_SIZE // SIGLIP_PATCH_SIZE  # 27 tokens per side of a 384² view
-METHODS = {
-    "pool": Method("pool", _ANYRES, square_hd_tokens((_N + 1) // 2)),  # bilinear 27→14: 1008
-    "full": Method("full", _ANYRES, square_hd_tokens(_N)),  # 3699
-    "shirg": Method("shirg", ((1, SIGLIP_IMAGE_SIZE), (1, FOVEA_SIZE)), BUDGET,
-                    scored_tokens=(FOVEA_SIZE // SIGLIP_PATCH_SIZE) ** 2),
-}
-# Baselines prune the full any-res features to the budget; their own selection cost is not modelled.
-METHODS.update(
-    {n: Method(n, _ANYRES, BUDGET) for n in ("random", "stride", "saint", "topv", "visionzip", "divprune")}
-)
+def registry_methods() -> dict[str, Method]:
+    """Every registered prune method's cost profile, from what its registration declares: the
+    SigLIP calls it makes (`tower_views`), and the LM tokens it yields for a square HD image --
+    LaViDa's pooled / unpooled merge counts, or the budget. A method with its own views and a
+    selection scores its last view (SHIRG: the 1024 foveal tokens); the baselines' own selection
+    cost is not modelled."""
+    from shirg_patches import REGISTRY
+
+    out = {}
+    for name, m in REGISTRY.items():
+        if m.select is not None:
+            tokens = TOKEN_BUDGET
+        else:
+            tokens = square_hd_tokens(POOLED_GRID if m.pool is not False else SIGLIP_GRID)
+        scored = ((m.tower_views[-1][1] // SIGLIP_PATCH_SIZE) ** 2) if (m.encode and m.select) else 0
+        out[name] = Method(name, tuple(m.tower_views), tokens, scored_tokens=scored)
+    return out
 
 
 @dataclass(frozen=True)
@@ -381,18 +381,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-tokens", type=int, default=60,
                     help="text tokens in the prompt (system + question)")
     ap.add_argument("--gpu", choices=sorted(GPUS), default="a100")
-    ap.add_argument("--methods", default="pool,full,shirg", help=f"comma list of {', '.join(METHODS)}")
+    methods = registry_methods()
+    ap.add_argument("--methods", default="pool,full,shirg", help=f"comma list of {', '.join(methods)}")
     ap.add_argument("--csv", metavar="PATH", help="also write every row to this CSV file")
     args = ap.parse_args(argv)
 
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n not in methods]
     if unknown:
-        ap.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        ap.error(f"unknown method(s) {unknown}; choose from {list(methods)}")
     dims, gpu = ModelDims(), GPUS[args.gpu]
 
     def run(name: str) -> list[Row]:
-        return method_rows(METHODS[name], dims, gpu, args.gen_length, args.steps, args.text_tokens)
+        return method_rows(methods[name], dims, gpu, args.gen_length, args.steps, args.text_tokens)
 
     per_method = {n: run(n) for n in names}
     rows = [r for n in names for r in per_method[n]]
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
           f"projector {dims.projector.params() / 1e6:.1f} M, "
           f"LLaDA {dims.lm.params() / 1e9:.3f} B ({dims.lm.params() * dims.dtype_bytes / 1e9:.2f} GB bf16)")
     print("LM visual tokens: " + ", ".join(
-        f"{n} {METHODS[n].lm_visual_tokens} (SigLIP {METHODS[n].projected_tokens(dims)})" for n in names))
+        f"{n} {methods[n].lm_visual_tokens} (SigLIP {methods[n].projected_tokens(dims)})" for n in names))
     print()
     print(format_table(rows))
     print()

@@ -23,7 +23,6 @@ from llava.conversation import build_prompt
 from llava.errors import InputError, LavidaError
 from llava.mm_utils import load_image, tokenizer_image_token
 from llava.model.builder import SMALL_MODEL_NAME, load_pretrained_model
-from llava.model.llava_arch import plain_values
 from llava.model.language_model.llada.generate import steps_per_block
 from llava.utils import StageTimer
 
@@ -53,63 +52,83 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", help="recompute the prompt every step")
     g.add_argument("--seed", type=int, default=0)
-    s = p.add_argument_group("prune methods")
-    s.add_argument("--keep_ratio", "--keep-ratio", type=float, default=None, help="SHIRG fovea keep ratio (default 724/1024)")
-    s.add_argument("--fovea", default=None, help="SHIRG fovea placement: center (default) or saliency")
-    s.add_argument("--shirg_score", "--shirg-score", default=None, help="attn|sim|v1|v2|random (default v1)")
-    s.add_argument("--budget", type=int, default=None, help="tokens kept by pruning baselines (default 980)")
-    s.add_argument("--save_heatmap", "--save-heatmap", default=None, metavar="PNG", help="SHIRG: write the kept-token picture")
+    add_method_option_flags(p)
+    p.add_argument("--save_heatmap", "--save-heatmap", default=None, metavar="PNG",
+                   help="write a picture of the kept tokens (methods that draw one: "
+                        f"{', '.join(n for n, m in REGISTRY.items() if m.heatmap) or 'none'})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
 
+def option_flags() -> dict[str, tuple]:
+    """flag -> (OptionSpec, [methods taking it]) over every registered method's options dataclass.
+    A field shared by several methods (e.g. `budget`) is one flag."""
+    from shirg_patches import REGISTRY
+
+    flags: dict[str, tuple] = {}
+    for name, method in REGISTRY.items():
+        for spec in method.options.specs():
+            flags.setdefault(spec.flag, (spec, []))[1].append(name)
+    return flags
+
+
+def add_method_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One argument group per method, built from its options dataclass; values are parsed and
+    validated by the dataclass (so errors are one clear line, not argparse usage)."""
+    seen = set()
+    groups = {}
+    for flag, (spec, methods) in option_flags().items():
+        if flag in seen:
+            continue
+        seen.add(flag)
+        owner = methods[0] if len(methods) == 1 else "pruning baselines"
+        if owner not in groups:
+            groups[owner] = parser.add_argument_group(f"--prune_method {owner}")
+        choices = f" [{'|'.join(spec.choices)}]" if spec.choices else ""
+        applies = f" (methods: {', '.join(methods)})" if len(methods) > 1 else ""
+        dashed = flag.replace("_", "-")
+        names = [f"--{flag}"] + ([f"--{dashed}"] if dashed != flag else [])
+        groups[owner].add_argument(*names, dest=f"opt_{flag}", default=None, metavar=spec.type.__name__.upper(),
+                                   help=f"{spec.help}{choices}; default {spec.default:g}{applies}"
+                                   if isinstance(spec.default, float) else
+                                   f"{spec.help}{choices}; default {spec.default}{applies}")
+
+
 def prune_options(args) -> dict:
+    """The chosen method's options from the flags given; a flag of another method is an error."""
     from shirg_patches import get_method
 
     method = get_method(args.prune_method)
-    opts = {"seed": args.seed}
-    shirg_only = {"keep_ratio": args.keep_ratio, "fovea": args.fovea, "score": args.shirg_score}
-    given = {k: v for k, v in shirg_only.items() if v is not None}
-    if method.name == "shirg":
-        opts.update(given)
-    elif given:
-        raise InputError(f"--{next(iter(given)).replace('score', 'shirg_score')} only applies to --prune_method shirg")
-    if args.budget is not None:
-        if method.select is None or method.name == "shirg":
-            raise InputError("--budget applies to the pruning baselines (random, stride, saint, topv, visionzip, divprune)")
-        if args.budget < 1:  # the upper bound depends on the image: checked at encode time
-            raise InputError(f"--budget must be at least 1, got {args.budget}")
-        opts["budget"] = args.budget
-    if args.save_heatmap is not None and method.name != "shirg":
-        raise InputError("--save_heatmap needs --prune_method shirg")
+    mine = {spec.flag: spec for spec in method.options.specs()}
+    opts = {}
+    for flag, (spec, methods) in option_flags().items():
+        value = getattr(args, f"opt_{flag}", None)
+        if value is None:
+            continue
+        if flag not in mine:
+            raise InputError(f"--{flag} only applies to --prune_method {' / '.join(methods)}")
+        opts[mine[flag].name] = mine[flag].parse(value)
+    method.make_options(opts)  # validate before the model loads, not after encoding the image
+    if args.save_heatmap is not None:
+        if method.heatmap is None:
+            raise InputError(f"--save_heatmap is not supported by --prune_method {method.name}")
+        from shirg_patches.heatmap import check_heatmap_path
+
+        check_heatmap_path(args.save_heatmap)
     if args.pool and method.select is not None:
         raise InputError(f"--prune_method {method.name} never pools; drop --pool")
-    if method.name == "shirg":  # fail before loading the model, not after encoding the image
-        from shirg_patches.foveal import check_fovea_mode
-        from shirg_patches.scoring import check_score_mode
-        from shirg_patches.shirg import keep_count
-
-        if args.keep_ratio is not None:
-            keep_count(args.keep_ratio)
-        if args.fovea is not None:
-            check_fovea_mode(args.fovea)
-        if args.shirg_score is not None:
-            check_score_mode(args.shirg_score)
-        if args.save_heatmap is not None:
-            from shirg_patches.heatmap import check_heatmap_path
-
-            check_heatmap_path(args.save_heatmap)
     return opts
 
 
 def run(args) -> dict:
-    from shirg_patches import get_method
+    from shirg_patches import REGISTRY, get_method
 
     method = get_method(args.prune_method)
     question = args.question.strip()
-    if not question and method.name != "shirg":
-        raise InputError("--question is empty (only --prune_method shirg accepts that: it then ranks by attention alone)")
+    if not question and not method.accepts_empty_question:
+        takers = [n for n, m in REGISTRY.items() if m.accepts_empty_question]
+        raise InputError(f"--question is empty (only --prune_method {' / '.join(takers)} accepts that)")
     opts = prune_options(args)
     block_length = args.block_length if args.block_length is not None else min(128, args.gen_length)
     # validates --gen-length, --block-length and --steps before the model loads
@@ -130,7 +149,7 @@ def run(args) -> dict:
     question_ids = tokenizer(question, add_special_tokens=False).input_ids if question else None
     schedule_kwargs = {"shift": args.shift} if args.shift is not None else None
     out = model.generate(
-        input_ids, [image], prune_method=method.name, question_ids=question_ids, prune_options=opts,
+        input_ids, [image], prune_method=method.name, question_ids=question_ids, prune_options={**opts, "seed": args.seed},
         pool=args.pool, timer=timer, gen_length=args.gen_length, block_length=block_length, steps=args.steps,
         temperature=args.temperature, remasking=args.remasking, schedule=args.schedule,
         schedule_kwargs=schedule_kwargs, prefix_cache=args.prefix_cache,
@@ -139,11 +158,8 @@ def run(args) -> dict:
     answer = tokenizer.decode(out.tokens[0].tolist(), skip_special_tokens=True).lstrip("!").strip()
     visual = out.visual[0]
     if args.save_heatmap:
-        from shirg_patches.heatmap import save_heatmap
-
         with timer("heatmap"):
-            save_heatmap(args.save_heatmap, image, visual.info["fovea_box"], visual.kept,
-                         scores=visual.info.get("scores"), title=f"SHIRG: {visual.lm_token_count} tokens")
+            method.heatmap(args.save_heatmap, image, visual)
     notes = plain_values(visual.info)
     if str(args.model_path) == SMALL_MODEL_NAME:
         notes["model"] = "built-in small model with random weights: the answer is noise, counts and timings are real"
@@ -159,6 +175,11 @@ def run(args) -> dict:
         "steps": len(out.generation.step_seconds),
         "image_size": list(image.size),
     }
+
+
+def plain_values(notes: dict) -> dict:
+    """The entries worth showing to a user: plain values, not tensors or private keys."""
+    return {k: v for k, v in notes.items() if isinstance(v, (str, int, float)) and not k.startswith("_")}
 
 
 def format_report(r: dict) -> str:

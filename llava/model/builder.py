@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import uuid
-from contextlib import nullcontext
+import re
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from llava.constants import SPECIAL_TOKENS, SYSTEM_PROMPT
-from llava.errors import CheckpointError, ConfigError
+from llava.errors import CheckpointError, ConfigError, InputError
 from llava.model.language_model.llava_llada import LlavaLLaDAConfig, LlavaLLaDAForCausalLM
-from llava.utils import logger
+from llava.utils import atomic_dir, logger
 
 SMALL_MODEL_NAME = "builtin:lavida-small"
 CONFIG_NAME = "config.json"
@@ -49,44 +46,109 @@ def read_config(model_path: str | Path) -> dict:
         raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
 
 
-def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not file.is_file():
-        raise CheckpointError(f"weights file {file} is missing")
-    try:
-        return load_file(str(file))
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"cannot read {file}: {e}") from None
+def _safetensors_error(file: Path, e: Exception) -> CheckpointError:
+    # safetensors raises its own error types for truncated/corrupt files
+    return CheckpointError(f"cannot read {file}: {e}")
 
 
-def read_state_dict(model_path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder (single file or sharded), on CPU."""
+def weight_files(model_path: str | Path) -> list[Path]:
+    """The weight files of a checkpoint folder, in load order; every one of them exists."""
     path = Path(model_path)
     index = path / WEIGHTS_INDEX_NAME
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise CheckpointError(f"{path}: shard(s) listed in {WEIGHTS_INDEX_NAME} are missing: {', '.join(missing)}")
-        state = {}
-        for shard in shards:
-            state.update(_load_safetensors(path / shard))
-        return state
-    if (path / WEIGHTS_NAME).is_file():
-        return _load_safetensors(path / WEIGHTS_NAME)
-    if (path / TORCH_WEIGHTS_NAME).is_file():
-        try:
-            return torch.load(path / TORCH_WEIGHTS_NAME, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"cannot read {path / TORCH_WEIGHTS_NAME}: {e}") from None
+        return [path / s for s in shards]
+    for name in (WEIGHTS_NAME, TORCH_WEIGHTS_NAME):
+        if (path / name).is_file():
+            return [path / name]
     raise CheckpointError(
         f"{str(path)!r} has no weights ({WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or {TORCH_WEIGHTS_NAME})"
     )
+
+
+def _read_torch_bin(file: Path) -> dict[str, torch.Tensor]:
+    try:  # mmap: tensors are paged in as they are copied out, not read up front
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {file}: {e}") from None
+
+
+def checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in the files, from the safetensors headers only (no data
+    read), so a bad checkpoint fails before gigabytes are loaded."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in files:
+        if file.suffix != ".safetensors":
+            shapes.update({k: tuple(v.shape) for k, v in _read_torch_bin(file).items()})
+            continue
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except Exception as e:
+            raise _safetensors_error(file, e) from None
+    return shapes
+
+
+def iter_checkpoint(
+    files: list[Path],
+    keys: Optional[set] = None,
+    dtype: Optional[torch.dtype] = None,
+    device: str | torch.device = "cpu",
+):
+    """Yield (name, tensor) file by file, each copied out of the file, cast to `dtype` (floating
+    tensors only, as `Module.to` does) and moved to `device` as it is read. `keys` restricts
+    which tensors are read.
+
+    A safetensors file is re-opened per tensor: its tensors are views of a file mapping whose
+    touched pages count as resident until the file is closed, so keeping it open for a whole
+    shard would cost a second copy of that shard. Re-opening costs microseconds."""
+    from safetensors import safe_open
+
+    device = torch.device(device)
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        return t.to(device=device, dtype=target, copy=True)  # copy: never alias the file mapping
+
+    def opened(file: Path):
+        try:
+            return safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:
+            raise _safetensors_error(file, e) from None
+
+    for file in files:
+        if file.suffix != ".safetensors":
+            state = _read_torch_bin(file)
+            for k in list(state):
+                t = state.pop(k)
+                if keys is None or k in keys:
+                    yield k, convert(t)
+            continue
+        with opened(file) as f:
+            names = [k for k in f.keys() if keys is None or k in keys]
+        for k in names:
+            with opened(file) as f:
+                try:
+                    t = f.get_tensor(k)
+                except Exception as e:
+                    raise _safetensors_error(file, e) from None
+                out = convert(t)
+                del t
+            yield k, out
+
+
+def read_state_dict(model_path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder (single file or sharded), on CPU, as stored."""
+    return dict(iter_checkpoint(weight_files(model_path)))
 
 
 def load_tokenizer(model_path: str | Path):
@@ -101,37 +163,75 @@ def load_tokenizer(model_path: str | Path):
         raise CheckpointError(f"cannot load the tokenizer from {path}: {e}") from None
 
 
-def _empty_weights_context():
-    """Build big models without allocating/initialising parameters twice (buffers stay real)."""
-    try:
-        from accelerate import init_empty_weights
-    except ImportError:
-        return nullcontext()
-    return init_empty_weights()
-
-
 def _summarise(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Assign checkpoint tensors to the model; missing keys are an error, unexpected a warning."""
-    expected = model.state_dict()
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(k for k in state if k not in expected)
+def build_empty_model(config: LlavaLLaDAConfig) -> LlavaLLaDAForCausalLM:
+    """The model on the meta device: shapes only, so building allocates and initialises
+    nothing that the checkpoint is about to overwrite."""
+    with torch.device("meta"):
+        return LlavaLLaDAForCausalLM(config)
+
+
+def check_weights(expected: dict[str, tuple], found: dict[str, tuple], source: str) -> None:
+    """Compare name -> shape maps; missing or mis-shaped tensors are errors, unused ones a warning."""
+    missing = sorted(k for k in expected if k not in found)
+    unexpected = sorted(k for k in found if k not in expected)
     if missing:
         raise CheckpointError(f"{source} lacks {len(missing)} weight(s): {_summarise(missing)}")
     if unexpected:
         logger.warning("%s has %d unused weight(s): %s", source, len(unexpected), _summarise(unexpected))
-    bad = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
+    bad = [k for k in expected if tuple(found[k]) != tuple(expected[k])]
     if bad:
         k = bad[0]
         raise CheckpointError(
-            f"{source}: {len(bad)} weight(s) have the wrong shape, e.g. {k} is {tuple(state[k].shape)}, "
-            f"model expects {tuple(expected[k].shape)}"
+            f"{source}: {len(bad)} weight(s) have the wrong shape, e.g. {k} is {tuple(found[k])}, "
+            f"model expects {tuple(expected[k])}"
         )
-    model.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
+
+
+# Non-persistent buffers are derived values that checkpoints do not store; each one a model
+# registers needs a rule here to be re-created after a meta-device build.
+_BUFFER_RULES = {
+    # SigLIP embeddings: the patch index of each position embedding
+    "position_ids": lambda shape, dtype, device: torch.arange(shape[-1], dtype=dtype, device=device).expand(shape),
+}
+
+
+def materialize_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """Re-create the buffers still on meta; a buffer without a rule is a bug, never left empty."""
+    for module_name, module in model.named_modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf is None or not buf.is_meta:
+                continue
+            rule = _BUFFER_RULES.get(name)
+            if rule is None:
+                raise RuntimeError(f"no rule to re-create buffer {module_name}.{name} after a meta-device build")
+            setattr(module, name, rule(tuple(buf.shape), buf.dtype, device))
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left on the meta device after loading: {_summarise(left)}")
+
+
+def load_weights(
+    model: torch.nn.Module,
+    files: list[Path],
+    source: str,
+    dtype: Optional[torch.dtype] = None,
+    device: str | torch.device = "cpu",
+    shapes: Optional[dict[str, tuple]] = None,
+) -> None:
+    """Fill a (meta-device) model from checkpoint files: check names and shapes from the headers
+    first (`shapes`, if already read), then stream the tensors in, cast as they are read, and
+    assign them (no second copy)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_weights(expected, checkpoint_shapes(files) if shapes is None else shapes, source)
+    state = dict(iter_checkpoint(files, keys=set(expected), dtype=dtype, device=device))
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    materialize_buffers(model, torch.device(device))
 
 
 def load_pretrained_model(
@@ -146,7 +246,8 @@ def load_pretrained_model(
 
     `model_path` may also be `builtin:lavida-small`. dtype defaults to fp32 on CPU (this CPU has
     no fast bf16) and bf16 on CUDA. `config_overrides` plays the role of upstream's
-    `vision_kwargs`. `model_base` (LoRA merge) is not supported yet.
+    `vision_kwargs`. `model_base` (LoRA merge) is not supported yet. Peak host memory is about
+    one copy of the weights (in the target dtype; on CUDA, about one tensor).
     """
     if model_base is not None:
         raise ConfigError("model_base (LoRA base + delta) loading is not supported yet")
@@ -156,17 +257,17 @@ def load_pretrained_model(
     dtype = torch_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if str(model_path) == SMALL_MODEL_NAME:
         tokenizer, model = build_small_model(config_overrides=config_overrides)
+        model = model.to(device=device, dtype=dtype)
     else:
         raw = read_config(model_path)
         raw.update(config_overrides or {})
         config = LlavaLLaDAConfig.from_dict(raw)
-        state = read_state_dict(model_path)
+        files = weight_files(model_path)
+        shapes = checkpoint_shapes(files)  # unreadable files fail before anything is built
         tokenizer = load_tokenizer(model_path)
-        with _empty_weights_context():
-            model = LlavaLLaDAForCausalLM(config)
-        load_weights(model, state, str(model_path))
-        del state
-    model = model.to(device=device, dtype=dtype).eval()
+        model = build_empty_model(config)
+        load_weights(model, files, str(model_path), dtype=dtype, device=device, shapes=shapes)
+    model.eval()
     image_processor = siglip_image_processor(model.model.vision_tower.image_size)
     return tokenizer, model, image_processor, model.config.mm.tokenizer_model_max_length
 
@@ -182,38 +283,69 @@ def siglip_image_processor(size: int):
     return SiglipImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
-def save_pretrained(model: LlavaLLaDAForCausalLM, tokenizer, folder: str | Path) -> Path:
-    """Write config + safetensors + tokenizer; a temp folder renamed at the end, so a failure
-    never leaves a half-written checkpoint behind."""
-    from safetensors.torch import save_file
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string like "5GB", "500MB", "2GiB" (GB = 10^9, GiB = 2^30, as
+    Hugging Face reads `max_shard_size`)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(value))
+        unit = m.group(2).upper() if m else None
+        if unit not in _SIZE_UNITS:
+            raise InputError(f"max shard size {value!r} is not a size; use e.g. 5GB, 500MB, 2GiB or a byte count")
+        n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if n <= 0:
+        raise InputError(f"max shard size {value!r} must be positive")
+    return n
+
+
+def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Greedy, in the given order: a new shard starts when the next tensor would overflow the
+    current one; a tensor bigger than `max_bytes` gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, n in sizes.items():
+        if shards[-1] and used + n > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += n
+    return shards
+
+
+def save_pretrained(
+    model: LlavaLLaDAForCausalLM, tokenizer, folder: str | Path, max_shard_size: int | str = "5GB"
+) -> Path:
+    """Write config + safetensors (sharded above `max_shard_size`, with the standard
+    `model.safetensors.index.json`) + tokenizer. Everything goes into a temp folder renamed at
+    the end, so a failure never leaves a half-written checkpoint nor loses the old one. One
+    shard at a time is copied to CPU, so saving from a GPU needs one shard of host memory."""
+    import safetensors.torch  # looked up at call time (tests patch save_file)
+
+    max_bytes = parse_size(max_shard_size)
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{str(folder)!r} exists and is not a folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir (not mkdtemp, which is always 0700) so the checkpoint gets the usual umask permissions
-    tmp = folder.parent / f"{folder.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    old = tmp.with_name(tmp.name + "-old")  # unique because tmp is
-    try:
+    state = model.state_dict()
+    sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
+    shards = plan_shards(sizes, max_bytes)
+    names = [WEIGHTS_NAME] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    with atomic_dir(folder) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        for name, keys in zip(names, shards):
+            part = {k: state[k].detach().contiguous().cpu() for k in keys}
+            safetensors.torch.save_file(part, str(tmp / name), metadata={"format": "pt"})
+            del part
+        if len(shards) > 1:
+            weight_map = {k: name for name, keys in zip(names, shards) for k in keys}
+            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+            (tmp / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2))
         tokenizer.save_pretrained(str(tmp))
-        # Move the old checkpoint aside (not delete) until the new one is in place, so a failure
-        # of the final rename puts it back instead of losing it.
-        if folder.exists():
-            os.replace(folder, old)
-        try:
-            os.replace(tmp, folder)
-        except BaseException:
-            if old.exists():
-                os.replace(old, folder)
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return folder
 
 

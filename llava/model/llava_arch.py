@@ -4,14 +4,16 @@ LaViDa's order matters and is kept: every view goes through SigLIP and the proje
 pooling (bilinear 27x27 -> 14x14) acts on the *projected* 4096-d grid, then the tiles are
 merged spatially, unpadded to the image's aspect and given one `image_newline` per row.
 
-The one hook for prune methods sits after the projector (`shirg_patches` registry): a method
-either keeps LaViDa's merge (`pool`, `full`), or gets a `PruneContext` over candidate tokens
-and returns what to keep. Everything here runs once per image, before the LM, so the prefix
-K/V cache stays valid for every diffusion step.
+Prune methods (`shirg_patches` registry) plug in at three hook points and nowhere else:
+the pooling flag (LaViDa's own methods), the selection hook after the projector (a method gets
+a `PruneContext` over the unpooled candidates and returns what to keep), and a method's own
+view encoder (`PruneMethod.encode`) or in-LM prefill hook. This file names no method. Every
+choice is made once per image, before the diffusion steps, so the prefix K/V cache stays valid.
 """
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -21,15 +23,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from llava.constants import DEFAULT_GRID_PINPOINTS, FOVEA_SIZE, IMAGE_TOKEN_INDEX
+from llava.constants import DEFAULT_GRID_PINPOINTS, IMAGE_TOKEN_INDEX
 from llava.errors import ConfigError, InputError
 from llava.mm_utils import get_anyres_image_grid_shape, image_to_tensor, process_anyres_image, unpad_bounds
 from llava.utils import NullTimer, StageTimer, logger
-from shirg_patches import ANYRES, GLOBAL_FOVEA, PruneContext, PruneMethod, get_method
-from shirg_patches.context import run_select
+from shirg_patches import EncodeRequest, MethodOptions, PruneContext, PruneMethod, VisualTokens, get_method, run_select
 
 POOL_ENV = "NOT_ALWASY_DO_2DPOOL"  # upstream's (misspelled) switch; any non-empty value disables pooling
-DEFAULT_BUDGET = 980  # tokens kept by pruning baselines: SHIRG's count (= 5 x 196 nominal)
 
 
 @dataclass
@@ -155,38 +155,18 @@ def merge_spatial_unpad(
     return torch.cat([view_tokens[0], grid_tokens])
 
 
-@dataclass
-class VisualTokens:
-    """The tokens one image contributes to the prompt, and how they were chosen."""
-
-    tokens: torch.Tensor  # [T, D_lm] spliced into the prompt
-    method: str
-    candidates: int  # tokens available before selection (equal to T for pool/full)
-    view_shapes: list = field(default_factory=list)
-    kept: Optional[torch.Tensor] = None  # indices into the candidates, raster order
-    lm_context: Optional[PruneContext] = None  # set for methods that prune inside the LM (TopV)
-    lm_layer: Optional[int] = None
-    info: dict = field(default_factory=dict)
-
-    @property
-    def lm_token_count(self) -> int:
-        """Visual tokens the LM keeps past its pruning layer (= T unless pruned inside the LM)."""
-        if self.lm_context is not None:
-            return self.lm_context.budget
-        return self.tokens.shape[0]
-
-
 class LlavaMetaForCausalLM:
     """Mixin for the multimodal model: needs `self.model` with vision_tower, mm_projector,
     image_newline, embed_tokens, and `self.mm_config`."""
 
-    # ---- single-stage helpers ----------------------------------------------------------------
-    def _vision(self, pixel_values: torch.Tensor, with_attention: bool):
+    # ---- single-stage services (prune methods that encode their own views call these) ----------
+    def vision_features(self, pixel_values: torch.Tensor, with_attention: bool):
+        """SigLIP on [V, 3, S, S] pixels -> features (and attention-received scores and keys)."""
         tower = self.model.vision_tower
         p = next(tower.parameters())
         return tower(pixel_values.to(device=p.device, dtype=p.dtype), return_attention=with_attention)
 
-    def _project(self, features: torch.Tensor) -> torch.Tensor:
+    def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.mm_projector(features)
 
     def question_embedding(self, question_ids: Optional[Sequence[int]]) -> Optional[torch.Tensor]:
@@ -203,23 +183,31 @@ class LlavaMetaForCausalLM:
         image: Image.Image,
         prune_method: str | PruneMethod = "pool",
         question_ids: Optional[Sequence[int]] = None,
-        options: Optional[dict] = None,
+        options: Optional[dict | MethodOptions] = None,
         pool: Optional[bool] = None,
         timer: Optional[StageTimer] = None,
+        seed: Optional[int] = None,
     ) -> VisualTokens:
-        """Turn one (already validated, RGB) image into the visual tokens the LM will see."""
-        method = get_method(prune_method) if isinstance(prune_method, str) else prune_method
+        """Turn one (already validated, RGB) image into the visual tokens the LM will see.
+
+        `options` are the method's options (a dict or its options dataclass); a "seed" key in a
+        dict is taken as `seed` (the seed of any randomness in the selection).
+        """
+        method = get_method(prune_method)
+        options = dict(options) if isinstance(options, dict) else options
+        if isinstance(options, dict) and "seed" in options:
+            seed = int(options.pop("seed")) if seed is None else seed
+        request = EncodeRequest(image, question_ids, method.make_options(options), int(seed or 0), pool)
         timer = timer or NullTimer()
-        options = dict(options or {})
-        if method.views == GLOBAL_FOVEA:
-            return self._encode_global_fovea(image, method, question_ids, options, timer)
+        if method.encode is not None:  # the method encodes its own views
+            return method.encode(self, method, request, timer)
         if self.mm_config.image_aspect_ratio != "anyres":
             return self._encode_single_view(image, method, timer)
-        return self._encode_anyres(image, method, question_ids, options, pool, timer)
+        return self._encode_anyres(method, request, timer)
 
     def _encode_single_view(self, image, method, timer) -> VisualTokens:
         """`square`/`pad` aspect (stage-1, low-res): one 384² view, 729 tokens, no pooling or merge."""
-        if method.select is not None or method.views != ANYRES:
+        if method.select is not None:
             raise InputError(f"--prune_method {method.name} needs image_aspect_ratio 'anyres'")
         with timer("preprocess"):
             if self.mm_config.image_aspect_ratio == "pad":
@@ -229,28 +217,32 @@ class LlavaMetaForCausalLM:
                 image = canvas
             pixels = image_to_tensor(image, self.model.vision_tower.image_size).unsqueeze(0)
         with timer("vision"):
-            feats = self._vision(pixels, False).features
+            feats = self.vision_features(pixels, False).features
         with timer("projector"):
-            tokens = self._project(feats)[0]
+            tokens = self.project(feats)[0]
         side = self.model.vision_tower.num_patches_per_side
         return VisualTokens(tokens, method.name, tokens.shape[0], [(side, side)], info={"pooling": "off (single view)"})
 
-    def _encode_anyres(self, image, method, question_ids, options, pool, timer) -> VisualTokens:
-        cfg = self.mm_config
-        if method.select is None:  # LaViDa's own path: pool or not, merge with newlines
-            if method.pool is not None:
-                if pool is not None and pool != method.pool:
-                    raise InputError(
-                        f"--prune_method {method.name} means pooling {'on' if method.pool else 'off'}; "
-                        f"drop --{'no-' if not pool else ''}pool or use --prune_method lavida"
-                    )
-                do_pool, reason = method.pool, f"pooling {'on' if method.pool else 'off'} (--prune_method {method.name})"
-                if os.environ.get(POOL_ENV):
-                    reason += f"; {POOL_ENV} is set but the method decides"
-            else:
-                do_pool, reason = resolve_pooling(pool, cfg.mm_2d_pool)
-        else:
-            do_pool, reason = False, f"pooling off (--prune_method {method.name} selects from unpooled tokens)"
+    def _pooling_decision(self, method: PruneMethod, pool: Optional[bool]) -> tuple[bool, str]:
+        if method.select is not None:
+            return False, f"pooling off (--prune_method {method.name} selects from unpooled tokens)"
+        if method.pool is None:
+            return resolve_pooling(pool, self.mm_config.mm_2d_pool)
+        if pool is not None and pool != method.pool:
+            raise InputError(
+                f"--prune_method {method.name} means pooling {'on' if method.pool else 'off'}; "
+                f"drop --{'no-' if not pool else ''}pool or use --prune_method lavida"
+            )
+        reason = f"pooling {'on' if method.pool else 'off'} (--prune_method {method.name})"
+        if os.environ.get(POOL_ENV):
+            reason += f"; {POOL_ENV} is set but the method decides"
+        return method.pool, reason
+
+    def _encode_anyres(self, method: PruneMethod, request: EncodeRequest, timer) -> VisualTokens:
+        """LaViDa's views; then either its own pool + merge, or the method's selection over the
+        unpooled candidates (before the LM, or deferred to a prefill hook inside it)."""
+        cfg, image = self.mm_config, request.image
+        do_pool, reason = self._pooling_decision(method, request.pool)
         logger.info(reason)
 
         with timer("preprocess"):
@@ -258,9 +250,9 @@ class LlavaMetaForCausalLM:
             grid = get_anyres_image_grid_shape(image.size, cfg.image_grid_pinpoints, self.model.vision_tower.image_size)
         want_attn = method.needs_attention or method.needs_keys
         with timer("vision"):
-            vis = self._vision(pixels, want_attn)
+            vis = self.vision_features(pixels, want_attn)
         with timer("projector"):
-            proj = self._project(vis.features)
+            proj = self.project(vis.features)
 
         if method.select is None:
             with timer("merge"):
@@ -281,69 +273,23 @@ class LlavaMetaForCausalLM:
                 features=flat_proj,
                 vision_features=arrange(vis.features),
                 view_shapes=shapes,
-                budget=_pop_budget(options, flat_proj.shape[0]),
+                budget=request.options.budget_for(flat_proj.shape[0]),
                 attn_received=None if vis.attn_received is None else arrange(vis.attn_received.unsqueeze(-1))[:, 0],
                 keys=arrange(vis.keys),
-                question_embedding=self.question_embedding(question_ids),
-                seed=int(options.pop("seed", 0)),
-                options=options,
+                question_embedding=self.question_embedding(request.question_ids),
+                seed=request.seed,
+                options=request.options,
             )
-            if method.lm_layer is not None:
-                # TopV: all candidates enter the prompt; the LM prunes them once during prefill.
-                return VisualTokens(flat_proj, method.name, flat_proj.shape[0], shapes, lm_context=ctx,
-                                    lm_layer=method.lm_layer, info={"pooling": reason, "grid": grid})
+            info = {"pooling": reason, "grid": grid}
+            if method.prefill_hook is not None:
+                # all candidates enter the prompt; the LM prunes them once during prefill
+                visual = VisualTokens(flat_proj, method.name, flat_proj.shape[0], shapes, info=info,
+                                      context=ctx, lm_tokens=ctx.budget)
+                visual.prefill_hook = functools.partial(method.prefill_hook, ctx, visual)
+                return visual
             sel = run_select(method.select, ctx)
             tokens = sel.tokens if sel.tokens is not None else flat_proj[sel.indices]
-        return VisualTokens(tokens, method.name, flat_proj.shape[0], shapes, kept=sel.indices,
-                            info={"pooling": reason, "grid": grid, **plain_values(ctx.options)})
-
-    def _encode_global_fovea(self, image, method, question_ids, options, timer) -> VisualTokens:
-        """SHIRG: global 384² view -> 256 tokens, 448² fovea -> 1024 scored tokens -> keep K."""
-        from shirg_patches import foveal, shirg
-
-        keep_ratio = options.pop("keep_ratio", shirg.DEFAULT_KEEP_RATIO)
-        fovea_mode = options.pop("fovea", "center")
-        foveal.check_fovea_mode(fovea_mode)  # before any encoding, not after the global view
-        k = shirg.keep_count(keep_ratio, shirg.FOVEA_TOKENS)
-        logger.info("pooling off (--prune_method %s encodes its own global + foveal views)", method.name)
-        tower = self.model.vision_tower
-        with timer("preprocess"):
-            global_pixels = foveal.to_pixel_values(image, tower.image_size)
-        with timer("vision"):
-            g = self._vision(global_pixels, fovea_mode == "saliency")
-        with timer("preprocess"):
-            saliency = None
-            if fovea_mode == "saliency":
-                side = tower.num_patches_per_side
-                saliency = g.attn_received[0].float().view(side, side).cpu()
-            box = foveal.fovea_box(image.size, fovea_mode, saliency, FOVEA_SIZE)
-            fovea_pixels = foveal.to_pixel_values(foveal.fovea_view(image, box, FOVEA_SIZE), FOVEA_SIZE)
-        with timer("vision"):
-            f = self._vision(fovea_pixels, True)
-        with timer("projector"):
-            g_proj = self._project(g.features)[0]
-            f_proj = self._project(f.features)[0]
-        with timer("selection"):
-            side = math.isqrt(f_proj.shape[0])
-            ctx = PruneContext(
-                features=f_proj,
-                vision_features=f.features[0],
-                view_shapes=[(side, side)],
-                budget=k,
-                attn_received=f.attn_received[0],
-                keys=f.keys[0] if f.keys is not None else None,
-                question_embedding=self.question_embedding(question_ids),
-                seed=int(options.pop("seed", 0)),
-                options=options,
-            )
-            kept = run_select(method.select, ctx).indices
-            global_tokens = shirg.resize_global_tokens(g_proj)
-            tokens = shirg.assemble_tokens(global_tokens, f_proj, kept)
-        info = {"fovea_box": box, "fovea": fovea_mode, "keep_ratio": keep_ratio, "global_tokens": global_tokens.shape[0],
-                "pooling": "pooling off (SHIRG views)", "scores": ctx.options.get("shirg_scores"),
-                **plain_values(ctx.options)}
-        return VisualTokens(tokens, method.name, global_tokens.shape[0] + ctx.num_tokens,
-                            [(16, 16), (side, side)], kept=kept, info=info)
+        return VisualTokens(tokens, method.name, flat_proj.shape[0], shapes, kept=sel.indices, info={**info, **sel.info})
 
     # ---- prompt assembly -----------------------------------------------------------------------
     def prepare_inputs_embeds(
@@ -388,27 +334,9 @@ class LlavaMetaForCausalLM:
         return embeds, spans
 
 
-def _pop_budget(options: dict, candidates: int) -> int:
-    budget = options.pop("budget", None)
-    budget = DEFAULT_BUDGET if budget is None else int(budget)
-    if not 1 <= budget <= candidates:
-        raise InputError(f"--budget {budget} must be between 1 and the {candidates} candidate tokens")
-    return budget
-
-
-def plain_values(notes: dict) -> dict:
-    """The entries worth showing to a user: plain values, not tensors or private keys."""
-    return {k: v for k, v in notes.items() if isinstance(v, (str, int, float)) and not k.startswith("_")}
-
-
-def make_lm_prune_hook(visual: Sequence[VisualTokens], spans: Sequence[tuple[int, int]]):
-    """A prefill callback for methods that prune inside the LM (TopV), or None.
-
-    At the method's layer it scores the image's candidate tokens from that layer's input and
-    output hidden states and returns the sequence positions to keep: all text, plus the kept
-    visual tokens. It fires once, during prefill, so the cache it shapes is static.
-    """
-    plans = [(v, span) for v, span in zip(visual, spans) if v.lm_context is not None]
+def build_prefill_hook(visual: Sequence[VisualTokens], spans: Sequence[tuple[int, int]], n_layers: int):
+    """The prefill callback of the one image whose method prunes inside the LM, or None."""
+    plans = [(v, span) for v, span in zip(visual, spans) if v.prefill_hook is not None]
     if not plans:
         return None
     if len(plans) > 1:
@@ -416,19 +344,4 @@ def make_lm_prune_hook(visual: Sequence[VisualTokens], spans: Sequence[tuple[int
     v, (start, end) = plans[0]
     if end - start != v.tokens.shape[0]:
         raise InputError("the image's tokens were truncated by tokenizer_model_max_length; in-LM pruning needs all")
-    fired = []
-
-    def hook(layer_idx, hidden_in, hidden_out, positions):
-        if layer_idx != v.lm_layer or fired:
-            return None
-        ctx = v.lm_context
-        ctx.options["layer_inputs"] = hidden_in[0, start:end].float()
-        ctx.options["layer_outputs"] = hidden_out[0, start:end].float()
-        kept = run_select(get_method(v.method).select, ctx).indices
-        v.kept = kept
-        fired.append(True)
-        seq = hidden_out.shape[1]
-        dev = kept.device
-        return torch.cat([torch.arange(0, start, device=dev), start + kept, torch.arange(end, seq, device=dev)])
-
-    return hook
+    return v.prefill_hook(start, end, n_layers)

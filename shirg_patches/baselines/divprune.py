@@ -9,7 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from shirg_patches.context import PruneContext, finalize_indices
+from shirg_patches.context import PruneContext
+from shirg_patches.registry import BudgetOptions, PruneMethod, register
 
 
 def select_divprune(ctx: PruneContext) -> torch.Tensor:
@@ -29,4 +30,8 @@ def select_divprune(ctx: PruneContext) -> torch.Tensor:
         picks[s] = torch.argmin(nearest_sim)
         torch.maximum(nearest_sim, x @ x[picks[s]], out=nearest_sim)
         nearest_sim[picks[s]] = math.inf
-    return finalize_indices(picks, ctx.budget, ctx.num_tokens)
+    return picks
+
+
+register(PruneMethod("divprune", "greedy max-min diversity of the projected tokens", BudgetOptions,
+                     select=select_divprune))

@@ -6,13 +6,15 @@ for every diffusion step.
 """
 import torch
 
-from shirg_patches.context import PruneContext, finalize_indices
+from shirg_patches.context import PruneContext
+from shirg_patches.ops import spread
+from shirg_patches.registry import BudgetOptions, PruneMethod, register
 
 
 def select_random(ctx: PruneContext) -> torch.Tensor:
     """Keep `budget` tokens drawn uniformly without replacement (seeded by ctx.seed)."""
     perm = torch.randperm(ctx.num_tokens, generator=ctx.generator())
-    return finalize_indices(perm[: ctx.budget], ctx.budget, ctx.num_tokens)
+    return perm[: ctx.budget]
 
 
 def allocate(sizes: list[int], budget: int) -> list[int]:
@@ -25,11 +27,6 @@ def allocate(sizes: list[int], budget: int) -> list[int]:
     for v in order[: budget - sum(counts)]:
         counts[v] += 1
     return counts
-
-
-def spread(k: int, n: int) -> torch.Tensor:
-    """k distinct evenly spaced integers in [0, n), centred in their cells (k <= n)."""
-    return ((2 * torch.arange(k) + 1) * n) // (2 * k)
 
 
 def grid_indices(rows: int, cols: int, k: int) -> torch.Tensor:
@@ -52,4 +49,8 @@ def select_stride(ctx: PruneContext) -> torch.Tensor:
     counts = allocate([r * c for r, c in ctx.view_shapes], ctx.budget)
     kept = [off + grid_indices(r, c, k)
             for (r, c), off, k in zip(ctx.view_shapes, ctx.view_offsets(), counts) if k > 0]
-    return finalize_indices(torch.cat(kept), ctx.budget, ctx.num_tokens)
+    return torch.cat(kept)
+
+
+register(PruneMethod("random", "uniform random subset (seeded)", BudgetOptions, select=select_random))
+register(PruneMethod("stride", "uniform spatial grid per view", BudgetOptions, select=select_stride))

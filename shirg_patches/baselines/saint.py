@@ -11,7 +11,21 @@ import math
 import torch
 import torch.nn.functional as F
 
-from shirg_patches.context import PruneContext, finalize_indices
+from llava.errors import InputError
+from dataclasses import dataclass
+
+from shirg_patches.context import PruneContext
+from shirg_patches.registry import BudgetOptions, PruneMethod, option, register
+
+
+@dataclass(frozen=True)
+class SaintOptions(BudgetOptions):
+    iters: int = option(8, "SAINT: rounds of redundancy-graph pruning", flag="saint_iters")
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
+            raise InputError(f"--saint_iters must be a positive integer, got {self.iters!r}")
 
 
 def select_saint(ctx: PruneContext) -> torch.Tensor:
@@ -22,11 +36,11 @@ def select_saint(ctx: PruneContext) -> torch.Tensor:
     built. Ties drop the higher index first. Within a round a token is spared when its nearest
     alive neighbour is dropped ahead of it, so both halves of a duplicate pair never vanish
     together (that can add rounds beyond `iters`; each round drops at least one token).
-    Option: iters (default 8).
     """
     k = ctx.keys if ctx.keys is not None else ctx.vision_features
     k = F.normalize(k.float(), dim=-1)
-    n, iters = ctx.num_tokens, int(ctx.options.get("iters", 8))
+    opts = ctx.options or SaintOptions(budget=ctx.budget)
+    n, iters = ctx.num_tokens, opts.iters
     alive = torch.ones(n, dtype=torch.bool, device=k.device)
     steps = torch.arange(n, device=k.device)
     redundancy = k @ k.sum(0)
@@ -45,4 +59,8 @@ def select_saint(ctx: PruneContext) -> torch.Tensor:
         redundancy -= k @ k[drop].sum(0)
         excess -= drop.numel()
         rounds += 1
-    return finalize_indices(alive.nonzero().squeeze(1), ctx.budget, n)
+    return alive.nonzero().squeeze(1)
+
+
+register(PruneMethod("saint", "drop the most redundant tokens of the SigLIP-key cosine graph", SaintOptions,
+                     select=select_saint, needs_keys=True))

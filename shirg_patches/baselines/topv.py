@@ -11,21 +11,44 @@ the negated expected cost of transporting token i: a token is important when the
 output still holds its content nearby. The centre term is constant per row, so it cannot
 change P; it enters the importance through this expected cost.
 
-Cache-safe: the LM calls back once during prefill after layer DEFAULT_TOPV_LAYER, the kept
-indices apply to all later layers, and the choice never changes during diffusion steps.
+Cache-safe: the LM calls back once during prefill after layer `--topv_layer` (default 2), the
+kept indices apply to all later layers, and the choice never changes during diffusion steps.
 """
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from llava.errors import InputError
-from shirg_patches.baselines.random_stride import spread
-from shirg_patches.context import PruneContext, complement, finalize_indices, top_k_indices
+from shirg_patches.context import PruneContext, PruneHook, VisualTokens, run_select
+from shirg_patches.ops import complement, spread, top_k_indices
+from shirg_patches.registry import BudgetOptions, PruneMethod, get_method, option, register
 
-DEFAULT_TOPV_LAYER = 2
 MAX_DIST = 2 ** 0.5  # largest distance between two positions in one view
+
+
+@dataclass(frozen=True)
+class TopVOptions(BudgetOptions):
+    layer: int = option(2, "TopV: prune after this LM layer during prefill", flag="topv_layer")
+    recovery_ratio: float = option(0.1, "TopV: share of the budget spread evenly over pruned tokens")
+    centre_weight: float = option(0.5, "TopV: weight of the distance-from-centre cost")
+    spatial_weight: float = option(0.5, "TopV: weight of the spatial-distance cost")
+    iters: int = option(10, "TopV: Sinkhorn iterations", flag="topv_iters")
+    epsilon: float = option(0.05, "TopV: entropic regularisation of the transport plan", flag="topv_epsilon")
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise InputError(f"--topv_layer must be a non-negative integer, got {self.layer!r}")
+        if not 0 <= self.recovery_ratio <= 1:
+            raise InputError(f"--recovery_ratio must be in [0, 1], got {self.recovery_ratio}")
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 1:
+            raise InputError(f"--topv_iters must be a positive integer, got {self.iters!r}")
+        if not self.epsilon > 0:
+            raise InputError(f"--topv_epsilon must be > 0, got {self.epsilon}")
 
 
 def topv_scores(layer_inputs: torch.Tensor, layer_outputs: torch.Tensor, positions: torch.Tensor,
@@ -67,25 +90,52 @@ def select_topv(ctx: PruneContext) -> torch.Tensor:
     """Keep the top-scoring tokens plus a uniform "recovery" share strided over the pruned ones
     (so large background regions are not lost entirely); exactly `budget` in total.
 
-    Options: layer_inputs / layer_outputs ([N, D] hidden states of the visual tokens at the
-    pruning layer, given together); recovery_ratio 0.1; centre_weight 0.5; spatial_weight 0.5;
-    iters 10; epsilon 0.05. Without layer states it falls back to the pre-LM approximation:
+    Source and target are ctx.lm_hidden_in / lm_hidden_out, the visual tokens' hidden states
+    entering and leaving the pruning layer (given together). Without them it falls back to the pre-LM approximation:
     ctx.features (the LM's layer-0 input) as both source and target, i.e. an identity "layer",
     which still ranks by distinctiveness, locality and centrality. SigLIP features cannot be
     the source there: their width differs from the LM's, so 1 - cos is undefined across them.
     """
-    opt = ctx.options
-    if ("layer_inputs" in opt) != ("layer_outputs" in opt):
-        raise InputError("topv needs both layer_inputs and layer_outputs, or neither")
-    source = opt.get("layer_inputs", ctx.features)
-    target = opt.get("layer_outputs", ctx.features)
-    scores = topv_scores(source, target, ctx.positions(),
-                         centre_weight=opt.get("centre_weight", 0.5),
-                         spatial_weight=opt.get("spatial_weight", 0.5),
-                         iters=opt.get("iters", 10), epsilon=opt.get("epsilon", 0.05),
+    opt = ctx.options or TopVOptions(budget=ctx.budget)
+    if (ctx.lm_hidden_in is None) != (ctx.lm_hidden_out is None):
+        raise InputError("topv needs both lm_hidden_in and lm_hidden_out, or neither")
+    source = ctx.features if ctx.lm_hidden_in is None else ctx.lm_hidden_in
+    target = ctx.features if ctx.lm_hidden_out is None else ctx.lm_hidden_out
+    scores = topv_scores(source, target, ctx.positions(), centre_weight=opt.centre_weight,
+                         spatial_weight=opt.spatial_weight, iters=opt.iters, epsilon=opt.epsilon,
                          view_sizes=[r * c for r, c in ctx.view_shapes])
-    n_recover = round(opt.get("recovery_ratio", 0.1) * ctx.budget)
+    n_recover = round(opt.recovery_ratio * ctx.budget)
     top = top_k_indices(scores, ctx.budget - n_recover)
     pruned = complement(top, ctx.num_tokens)
     recovered = pruned[spread(n_recover, pruned.numel())]
-    return finalize_indices(torch.cat([top, recovered]), ctx.budget, ctx.num_tokens)
+    return torch.cat([top, recovered])
+
+
+def topv_prefill_hook(ctx: PruneContext, visual: VisualTokens, start: int, end: int, n_layers: int) -> PruneHook:
+    """The prefill callback: at the pruning layer it scores the image's candidates from that
+    layer's input and output hidden states and returns the sequence positions later layers keep
+    (all text, plus the kept visual tokens). It fires once, during prefill, so the cache it shapes
+    is static; `visual.kept` records the choice."""
+    layer = ctx.options.layer
+    if layer >= n_layers - 1:
+        raise InputError(f"--prune_method {visual.method} prunes after LM layer {layer}, "
+                         f"but the model has only {n_layers} layers")
+    fired = []
+
+    def hook(layer_idx, hidden_in, hidden_out, positions):
+        if layer_idx != layer or fired:
+            return None
+        at_layer = dataclasses.replace(ctx, lm_hidden_in=hidden_in[0, start:end].float(),
+                                       lm_hidden_out=hidden_out[0, start:end].float())
+        kept = run_select(get_method(visual.method).select, at_layer).indices
+        visual.kept = kept
+        fired.append(True)
+        seq = hidden_out.shape[1]
+        dev = kept.device
+        return torch.cat([torch.arange(0, start, device=dev), start + kept, torch.arange(end, seq, device=dev)])
+
+    return hook
+
+
+register(PruneMethod("topv", "optimal-transport importance at an early LM layer, pruned once in prefill", TopVOptions,
+                     select=select_topv, prefill_hook=topv_prefill_hook))

@@ -6,12 +6,25 @@ happens after the projector (averages of ctx.features), because the prune hook s
 Everything is decided once, before the LM, so the prefix K/V cache stays valid for every
 diffusion step.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from llava.errors import InputError
-from shirg_patches.baselines.random_stride import spread
-from shirg_patches.context import PruneContext, Selection, complement, finalize_indices, top_k_indices
+from shirg_patches.context import PruneContext, Selection
+from shirg_patches.ops import complement, spread, top_k_indices
+from shirg_patches.registry import BudgetOptions, PruneMethod, option, register
+
+
+@dataclass(frozen=True)
+class VisionZipOptions(BudgetOptions):
+    dominant_ratio: float = option(0.85, "VisionZip: share of the budget kept as top-attention tokens")
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.dominant_ratio <= 1:
+            raise InputError(f"--dominant_ratio must be in [0, 1], got {self.dominant_ratio}")
 
 
 def select_visionzip(ctx: PruneContext) -> Selection:
@@ -19,10 +32,11 @@ def select_visionzip(ctx: PruneContext) -> Selection:
     kept as they are. Contextual: the remaining slots, evenly strided over the non-dominant
     tokens (raster order); every other non-dominant token is averaged into its most similar
     target (cosine on ctx.keys, else ctx.vision_features). When no slot is left (tiny budget)
-    the non-dominant tokens are simply dropped. Option: dominant_ratio (default 0.85)."""
+    the non-dominant tokens are simply dropped."""
     if ctx.attn_received is None:
         raise InputError("visionzip needs attention-received scores (ctx.attn_received)")
-    n_dom = round(ctx.options.get("dominant_ratio", 0.85) * ctx.budget)
+    opts = ctx.options or VisionZipOptions(budget=ctx.budget)
+    n_dom = round(opts.dominant_ratio * ctx.budget)
     dominant = top_k_indices(ctx.attn_received, n_dom)
     rest = complement(dominant, ctx.num_tokens)
     is_target = torch.zeros(rest.numel(), dtype=torch.bool, device=rest.device)
@@ -38,7 +52,9 @@ def select_visionzip(ctx: PruneContext) -> Selection:
         sums.index_add_(0, nearest, feats[merged])
         counts.index_add_(0, nearest, feats.new_ones(merged.numel()))
 
-    kept = torch.cat([dominant, targets])
-    tokens = torch.cat([feats[dominant], sums / counts[:, None]])[torch.argsort(kept)]
-    indices = finalize_indices(kept, ctx.budget, ctx.num_tokens)
-    return Selection(indices=indices, tokens=tokens.to(ctx.features.dtype))
+    tokens = torch.cat([feats[dominant], sums / counts[:, None]])
+    return Selection(indices=torch.cat([dominant, targets]), tokens=tokens.to(ctx.features.dtype))
+
+
+register(PruneMethod("visionzip", "top attention-received tokens + merged contextual tokens", VisionZipOptions,
+                     select=select_visionzip, needs_attention=True, needs_keys=True))

@@ -8,10 +8,10 @@ from PIL import Image
 from llava.conversation import build_prompt
 from llava.errors import InputError
 from llava.mm_utils import load_image, tokenizer_image_token
-from llava.model.llava_arch import make_lm_prune_hook
+from llava.constants import FOVEA_TOKENS, SHIRG_GLOBAL_TOKENS
+from llava.model.llava_arch import build_prefill_hook
 from shirg_patches import REGISTRY, get_method
 from shirg_patches.heatmap import save_heatmap
-from shirg_patches.shirg import FOVEA_TOKENS, GLOBAL_TOKENS
 
 SIZES = [(14, 14), (14, 4000), (4000, 14), (100, 100), (300, 300), (447, 449), (448, 448), (640, 480),
          (768, 768), (1000, 800), (1280, 720), (2000, 600), (600, 2000), (3000, 3000)]
@@ -52,9 +52,9 @@ def test_shirg_is_980_for_every_size(small_model, size):
     image = load_image(noise(*size))
     with torch.no_grad():
         v = model.encode_image(image, "shirg", qids(tok, QUESTIONS[0]))
-    assert v.lm_token_count == 980 == GLOBAL_TOKENS + 724
+    assert v.lm_token_count == 980 == SHIRG_GLOBAL_TOKENS + 724
     assert v.tokens.shape == (980, model.config.llada.d_model)
-    assert v.candidates == GLOBAL_TOKENS + FOVEA_TOKENS
+    assert v.candidates == SHIRG_GLOBAL_TOKENS + FOVEA_TOKENS
     assert v.kept.numel() == 724 and bool((v.kept.diff() > 0).all())  # raster order, no duplicates
     left, top, right, bottom = v.info["fovea_box"]
     assert 0 <= left < right <= size[0] and 0 <= top < bottom <= size[1]
@@ -161,7 +161,7 @@ def test_prefix_cache_never_changes(small_model, method):
 
     with torch.no_grad():
         embeds, spans = model.prepare_inputs_embeds(ids, out.visual)
-        fresh = model.model.prefill(embeds, make_lm_prune_hook(out.visual, spans))
+        fresh = model.model.prefill(embeds, build_prefill_hook(out.visual, spans, model.config.llada.n_layers))
     for layer in range(len(fresh.keys)):
         assert torch.equal(fresh.keys[layer], seen["first"].keys[layer])
         assert torch.equal(fresh.values[layer], seen["first"].values[layer])

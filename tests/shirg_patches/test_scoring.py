@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from llava.errors import InputError
-from shirg_patches.context import top_k_indices
+from shirg_patches.ops import top_k_indices
 from shirg_patches.scoring import (
     NO_QUESTION_NOTE,
     SCORE_MODES,

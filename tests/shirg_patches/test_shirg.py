@@ -7,10 +7,9 @@ import torch.nn.functional as F
 from llava.errors import InputError
 from shirg_patches.context import PruneContext
 from shirg_patches.scoring import NO_QUESTION_NOTE
+from llava.constants import DEFAULT_KEEP_RATIO, FOVEA_TOKENS, SHIRG_GLOBAL_TOKENS
 from shirg_patches.shirg import (
-    DEFAULT_KEEP_RATIO,
-    FOVEA_TOKENS,
-    GLOBAL_TOKENS,
+    ShirgOptions,
     assemble_tokens,
     keep_count,
     resize_global_tokens,
@@ -29,7 +28,7 @@ def _ctx(budget=724, attn=None, q=None, seed=0, **options):
         attn_received=torch.rand(FOVEA_TOKENS, generator=g) if attn is None else attn,
         question_embedding=q,
         seed=seed,
-        options=dict(options),
+        options=ShirgOptions(**options),
     )
 
 
@@ -37,7 +36,7 @@ def _ctx(budget=724, attn=None, q=None, seed=0, **options):
 @pytest.mark.parametrize("ratio,k", [(DEFAULT_KEEP_RATIO, 724), (0.40, 410), (0.766, 784), (0.80, 819), (1.0, 1024)])
 def test_keep_count(ratio, k):
     assert keep_count(ratio) == k
-    assert GLOBAL_TOKENS + keep_count(DEFAULT_KEEP_RATIO) == 980
+    assert SHIRG_GLOBAL_TOKENS + keep_count(DEFAULT_KEEP_RATIO) == 980
 
 
 @pytest.mark.parametrize("ratio", [0.0, -0.1, 1.01, math.nan, "0.5", True, 1e-6])
@@ -53,7 +52,7 @@ def test_select_exact_budget_sorted(mode):
     idx = sel.indices
     assert idx.numel() == 724 and torch.equal(idx, torch.sort(idx).values)
     assert torch.unique(idx).numel() == 724
-    assert ctx.options["shirg_scores"].shape == (FOVEA_TOKENS,)
+    assert sel.info["scores"].shape == (FOVEA_TOKENS,)
     assert torch.equal(select_shirg(_ctx(budget=724, q=ctx.question_embedding, score=mode)).indices, idx)
 
 
@@ -61,7 +60,7 @@ def test_select_ties_take_lowest_indices_and_report_note():
     ctx = _ctx(budget=100, attn=torch.ones(FOVEA_TOKENS))
     sel = select_shirg(ctx)
     assert torch.equal(sel.indices, torch.arange(100))
-    assert ctx.options["shirg_note"] == NO_QUESTION_NOTE
+    assert sel.info["shirg_note"] == NO_QUESTION_NOTE
 
 
 def test_select_keeps_highest_scores():
@@ -78,7 +77,7 @@ def test_resize_global_tokens_matches_interpolate(batched):
     tokens = torch.randn(729, 12)
     out = resize_global_tokens(tokens[None] if batched else tokens)
     ref = F.interpolate(tokens.T.reshape(1, 12, 27, 27), size=(16, 16), mode="bilinear", align_corners=False)
-    assert out.shape == (GLOBAL_TOKENS, 12)
+    assert out.shape == (SHIRG_GLOBAL_TOKENS, 12)
     assert torch.allclose(out, ref.reshape(12, 256).T)
     with pytest.raises(ValueError):
         resize_global_tokens(torch.randn(700, 12))

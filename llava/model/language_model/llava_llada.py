@@ -21,7 +21,7 @@ from llava.errors import ConfigError, InputError
 from llava.model.language_model.llada.configuration_llada import LLaDAConfig
 from llava.model.language_model.llada.generate import GenerationOutput, generate as llada_generate
 from llava.model.language_model.llada.modeling_llada import LLaDAModel
-from llava.model.llava_arch import LlavaMetaForCausalLM, MultimodalConfig, VisualTokens, make_lm_prune_hook
+from llava.model.llava_arch import LlavaMetaForCausalLM, MultimodalConfig, VisualTokens, build_prefill_hook
 from llava.model.multimodal_encoder.siglip_encoder import SigLipVisionTower, so400m_vision_config
 from llava.model.multimodal_projector.builder import build_vision_projector
 from llava.utils import NullTimer, StageTimer
@@ -132,12 +132,7 @@ class LlavaLLaDAForCausalLM(nn.Module, LlavaMetaForCausalLM):
         visual = [self.encode_image(img, prune_method, question_ids, prune_options, pool, timer) for img in images]
         with timer("embed"):
             embeds, spans = self.prepare_inputs_embeds(input_ids, visual)
-        n_layers = self.config.llada.n_layers
-        for v in visual:
-            if v.lm_layer is not None and v.lm_layer >= n_layers - 1:
-                raise InputError(f"--prune_method {v.method} prunes after LM layer {v.lm_layer}, "
-                                 f"but the model has only {n_layers} layers")
-        hook = make_lm_prune_hook(visual, spans)
+        hook = build_prefill_hook(visual, spans, self.config.llada.n_layers)
         out = llada_generate(self.model, embeds, prune_hook=hook, **gen_kwargs)
         if out.prefill_seconds:
             timer.add("prefill", out.prefill_seconds)

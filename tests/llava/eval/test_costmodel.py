@@ -49,10 +49,10 @@ def test_cost_roofline():
 def test_token_counts():
     dims = cm.ModelDims()
     assert dims.vision.tokens(384) == 729 and dims.vision.tokens(448) == 1024
-    assert cm.METHODS["pool"].projected_tokens(dims) == 3645
-    assert cm.METHODS["full"].projected_tokens(dims) == 3645
-    assert cm.METHODS["shirg"].projected_tokens(dims) == 1753
-    assert [cm.METHODS[m].lm_visual_tokens for m in ("pool", "full", "shirg", "topv")] == [1008, 3699, 980, 980]
+    assert cm.registry_methods()["pool"].projected_tokens(dims) == 3645
+    assert cm.registry_methods()["full"].projected_tokens(dims) == 3645
+    assert cm.registry_methods()["shirg"].projected_tokens(dims) == 1753
+    assert [cm.registry_methods()[m].lm_visual_tokens for m in ("pool", "full", "shirg", "topv")] == [1008, 3699, 980, 980]
 
 
 def test_param_counts_match_spec():
@@ -87,7 +87,7 @@ def test_cached_step_reads_all_lm_weights_and_is_memory_bound():
 
 def test_answer_rows_compose_stages():
     dims, gpu = cm.ModelDims(), cm.GPUS["a100"]
-    rows = {r.stage: r for r in cm.method_rows(cm.METHODS["shirg"], dims, gpu, 32, 16, 60)}
+    rows = {r.stage: r for r in cm.method_rows(cm.registry_methods()["shirg"], dims, gpu, 32, 16, 60)}
     assert "select" in rows and rows["select"].cost.flops < 0.01 * rows["siglip"].cost.flops
     cached = rows["prefill"].seconds + 16 * rows["step cached"].seconds
     assert rows["LM answer cached"].seconds == pytest.approx(cached)

@@ -1,4 +1,5 @@
-"""Checkpoint folders: save/load round trip, sharding, spec key layout, clear errors, atomic saves, no network."""
+"""Checkpoint folders: save/load round trip, sharding, meta-device streaming load, spec key layout, clear
+errors, atomic saves, no network."""
 import json
 import logging
 import os
@@ -11,11 +12,13 @@ import safetensors.torch
 import torch
 from safetensors.torch import load_file, save_file
 
-from llava.errors import CheckpointError, ConfigError
+import llava.model.builder as builder
+from llava.errors import CheckpointError, ConfigError, InputError
 from llava.model.builder import (
     SMALL_MODEL_NAME,
     build_small_model,
     load_pretrained_model,
+    parse_size,
     save_pretrained,
 )
 
@@ -199,6 +202,25 @@ def _missing_shard(path):
     (path / "model.safetensors").unlink()
 
 
+def _two_shards(path):
+    """Re-save the checkpoint as two shards with an index (the loader's sharded layout)."""
+    state = load_file(str(path / "model.safetensors"))
+    keys = sorted(state)
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    parts = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    for name, part in zip(names, parts):
+        save_file({k: state[k] for k in part}, str(path / name))
+    weight_map = {k: name for name, part in zip(names, parts) for k in part}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "model.safetensors").unlink()
+
+
+def _truncated_shard(path):
+    _two_shards(path)
+    shard = path / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+
+
 def _wrong_shape(state):
     state["model.mm_projector.2.bias"] = torch.zeros(state["model.mm_projector.2.bias"].shape[0] + 1)
 
@@ -211,6 +233,7 @@ BAD_FOLDERS = {
     "missing_shard": (_missing_shard, CheckpointError, r"missing: model-00002-of-00002\.safetensors"),
     "truncated_weights": (_truncate, CheckpointError, r"cannot read .*model\.safetensors"),
     "corrupt_header": (_garble_header, CheckpointError, r"cannot read .*model\.safetensors"),
+    "truncated_shard": (_truncated_shard, CheckpointError, r"cannot read .*model-00002-of-00002\.safetensors"),
     "missing_tensor": (lambda p: _edit_weights(p, lambda s: s.pop("model.image_newline")),
                        CheckpointError, r"lacks 1 weight\(s\): model\.image_newline"),
     "wrong_shape": (lambda p: _edit_weights(p, _wrong_shape), CheckpointError,
@@ -309,3 +332,125 @@ def test_save_refuses_to_overwrite_a_file(small_model, tmp_path):
         save_pretrained(model, tok, target)
     assert target.read_text() == "not a checkpoint" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming load onto a meta-device model
+# ---------------------------------------------------------------------------------------------
+def test_model_is_built_on_meta_and_fully_materialised(small_model, ckpt, monkeypatch):
+    built = []
+    real = builder.build_empty_model
+
+    def spy(config):
+        model = real(config)
+        built.append([t.device.type for t in (*model.parameters(), *model.buffers())])
+        return model
+
+    monkeypatch.setattr(builder, "build_empty_model", spy)
+    _, model2, _, _ = load_pretrained_model(ckpt)
+    assert len(built) == 1 and set(built[0]) == {"meta"}  # building allocated nothing
+    tensors = dict(model2.named_parameters()) | dict(model2.named_buffers())
+    assert all(t.device.type == "cpu" for t in tensors.values()), [n for n, t in tensors.items() if t.is_meta]
+    assert_same_weights(small_model[1], model2)
+    # the buffers the checkpoint does not store are re-created, equal to a normally built model's
+    for name, buf in small_model[1].named_buffers():
+        assert torch.equal(tensors[name], buf), name
+    assert all(p.requires_grad for p in model2.parameters())
+
+
+def test_bf16_checkpoint_loads_as_fp32(small_model, ckpt):
+    _edit_weights(ckpt, lambda s: s.update({k: v.bfloat16() for k, v in s.items()}))
+    _, model2, _, _ = load_pretrained_model(ckpt)
+    for k, v in small_model[1].state_dict().items():
+        assert model2.state_dict()[k].dtype == torch.float32
+        assert torch.equal(model2.state_dict()[k], v.bfloat16().float()), k
+
+
+def test_torch_bin_checkpoint_loads_identically(small_model, ckpt):
+    torch.save(load_file(str(ckpt / "model.safetensors")), ckpt / "pytorch_model.bin")
+    (ckpt / "model.safetensors").unlink()
+    _, model2, _, _ = load_pretrained_model(ckpt)
+    assert_same_weights(small_model[1], model2)
+
+
+def test_loaded_weights_do_not_alias_the_files(small_model, ckpt):
+    _, model2, _, _ = load_pretrained_model(ckpt)
+    f = ckpt / "model.safetensors"
+    header = 8 + int.from_bytes(f.read_bytes()[:8], "little")
+    with open(f, "r+b") as fh:  # overwrite the tensor data in place
+        fh.seek(header)
+        fh.write(b"\0" * (f.stat().st_size - header))
+    assert_same_weights(small_model[1], model2)
+
+
+# ---------------------------------------------------------------------------------------------
+# sharded saves
+# ---------------------------------------------------------------------------------------------
+def _nbytes(model):
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def test_sharded_save_writes_a_standard_index(small_model, tmp_path):
+    tok, model = small_model
+    target = save_pretrained(model, tok, tmp_path / "out", max_shard_size=_nbytes(model) // 4)
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    assert index["metadata"] == {"total_size": _nbytes(model)}
+    weight_map = index["weight_map"]
+    assert set(weight_map) == set(model.state_dict())
+    shards = sorted(set(weight_map.values()))
+    n = len(shards)
+    assert n >= 4 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert not (target / "model.safetensors").exists()
+    for shard in shards:
+        assert sorted(load_file(str(target / shard))) == sorted(k for k, v in weight_map.items() if v == shard)
+    _, loaded, _, _ = load_pretrained_model(target)
+    assert_same_weights(model, loaded)
+
+
+def test_one_file_when_it_fits(small_model, tmp_path):
+    tok, model = small_model
+    target = save_pretrained(model, tok, tmp_path / "out", max_shard_size=_nbytes(model))
+    assert sorted(p.name for p in target.glob("model*")) == ["model.safetensors"]
+
+
+def test_tensor_bigger_than_a_shard_gets_its_own(small_model, tmp_path):
+    tok, model = small_model
+    target = save_pretrained(model, tok, tmp_path / "out", max_shard_size=1)
+    weight_map = json.loads((target / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) == len(weight_map)
+
+
+def test_failed_sharded_save_keeps_old_checkpoint(small_model, small_checkpoint, tmp_path, monkeypatch):
+    tok, model = small_model
+    target = shutil.copytree(small_checkpoint, tmp_path / "out")
+    before = tree(tmp_path)
+    real_save, calls = safetensors.torch.save_file, []
+
+    def fails_on_third_shard(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise OSError("killed mid-save")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fails_on_third_shard)
+    with pytest.raises(OSError, match="killed mid-save"):
+        save_pretrained(model, tok, target, max_shard_size=_nbytes(model) // 4)
+    assert tree(tmp_path) == before
+    monkeypatch.undo()
+    _, loaded, _, _ = load_pretrained_model(target)
+    assert_same_weights(model, loaded)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), ("1.5 kb", 1500), (4096, 4096), ("123", 123),
+])
+def test_parse_size(value, expected):
+    assert parse_size(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "lots", "5XB", "-1GB", "0MB", 0, -5, True, "5GB5"])
+def test_bad_max_shard_size(small_model, tmp_path, value):
+    tok, model = small_model
+    with pytest.raises(InputError, match="max shard size"):
+        save_pretrained(model, tok, tmp_path / "out", max_shard_size=value)
+    assert list(tmp_path.iterdir()) == []

@@ -1,19 +1,18 @@
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from shirg_patches.baselines.divprune import select_divprune
 from shirg_patches.baselines.random_stride import select_random
+from tests.shirg_patches.baselines.conftest import selected
 
 
 @pytest.mark.parametrize("budget", [980, 3645, 1])
 def test_contract_and_determinism(budget, make_ctx, check_contract):
     ctx = make_ctx(budget=budget)
-    idx = select_divprune(ctx)
+    idx = selected(select_divprune, ctx)
     check_contract(idx, ctx)
-    assert torch.equal(idx, select_divprune(make_ctx(budget=budget)))
+    assert torch.equal(idx, selected(select_divprune, make_ctx(budget=budget)))
 
 
 def min_pairwise_distance(x):
@@ -28,25 +27,18 @@ def test_more_diverse_than_random(make_ctx):
     centres = torch.randn(40, 8, generator=g)
     features = centres[torch.randint(40, (729,), generator=g)] + 0.05 * torch.randn(729, 8, generator=g)
     ctxs = [make_ctx(views=[(27, 27)], budget=60, seed=s, features=features) for s in range(5)]
-    random_min = sum(min_pairwise_distance(features[select_random(c)]) for c in ctxs) / len(ctxs)
-    div_min = min_pairwise_distance(features[select_divprune(ctxs[0])])
+    random_min = sum(min_pairwise_distance(features[selected(select_random, c)]) for c in ctxs) / len(ctxs)
+    div_min = min_pairwise_distance(features[selected(select_divprune, ctxs[0])])
     assert div_min > 2 * random_min
 
 
 def test_starts_from_the_most_atypical_token(make_ctx):
     features = torch.ones(16, 4) + 0.01 * torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
     features[11] = -1.0  # the one token pointing away from all others
-    assert select_divprune(make_ctx(views=[(4, 4)], budget=1, d=4, features=features)).tolist() == [11]
+    assert selected(select_divprune, make_ctx(views=[(4, 4)], budget=1, d=4, features=features)).tolist() == [11]
 
 
 def test_duplicates_are_never_both_kept_while_unique_tokens_remain(make_ctx):
     features = torch.eye(8).repeat(2, 1)  # tokens i and i+8 are identical
-    idx = select_divprune(make_ctx(views=[(4, 4)], budget=8, d=8, features=features))
+    idx = selected(select_divprune, make_ctx(views=[(4, 4)], budget=8, d=8, features=features))
     assert sorted((idx % 8).tolist()) == list(range(8))
-
-
-def test_timing_full_size(make_ctx):
-    ctx = make_ctx(d=64)
-    t = time.perf_counter()
-    select_divprune(ctx)
-    print(f"\nselect_divprune: {(time.perf_counter() - t) * 1e3:.1f} ms (N=3645, D=64, budget 980)")

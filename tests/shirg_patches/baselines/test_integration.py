@@ -9,11 +9,12 @@ from PIL import Image
 
 from llava.conversation import build_prompt
 from llava.mm_utils import tokenizer_image_token
-from llava.model.llava_arch import DEFAULT_BUDGET, make_lm_prune_hook
+from llava.constants import TOKEN_BUDGET
+from llava.model.llava_arch import build_prefill_hook
 from shirg_patches import REGISTRY
-from shirg_patches.baselines.topv import DEFAULT_TOPV_LAYER
+from shirg_patches.baselines.topv import TopVOptions
 
-BASELINES = ["random", "stride", "saint", "topv", "visionzip", "divprune"]
+BASELINES = [name for name, m in REGISTRY.items() if m.budgeted]
 FAST = ("--gen-length", "8", "--steps", "4")
 QUESTION = "what is the color of the circle"
 CANDIDATES_100 = 729 + 28 * 27  # global 27x27 + unpadded 1x2 tile grid of a 100x100 image
@@ -42,9 +43,9 @@ def kept_indices(tok, model, image, method, options):
     q = tok(QUESTION, add_special_tokens=False).input_ids
     with torch.no_grad():
         v = model.encode_image(image, method, q, dict(options))
-        if v.lm_context is not None:
+        if v.context is not None:
             embeds, spans = model.prepare_inputs_embeds(ids, [v])
-            model.model.prefill(embeds, make_lm_prune_hook([v], spans))
+            model.model.prefill(embeds, build_prefill_hook([v], spans, model.config.llada.n_layers))
     return v
 
 
@@ -58,7 +59,7 @@ def test_baselines_are_registered():
 def test_cli_prints_default_budget(cli, method):
     code, out, err = cli("--prune_method", method)
     assert code == 0, err
-    assert f"visual tokens: {DEFAULT_BUDGET}  (method {method}, candidates {CANDIDATES_100}" in out
+    assert f"visual tokens: {TOKEN_BUDGET}  (method {method}, candidates {CANDIDATES_100}" in out
 
 
 @pytest.mark.parametrize("method", BASELINES)
@@ -91,7 +92,7 @@ def test_kept_is_deterministic_raster_and_budgeted(small_model, image, method):
     assert torch.equal(a.kept, b.kept)
     assert a.kept.numel() == 500 == a.lm_token_count
     assert bool((a.kept.diff() > 0).all()) and 0 <= a.kept[0] and a.kept[-1] < CANDIDATES_100
-    if a.lm_context is None:
+    if a.context is None:
         assert torch.equal(a.tokens, b.tokens) and a.tokens.shape[0] == 500
 
 
@@ -107,7 +108,7 @@ def test_topv_prunes_only_later_layers_of_the_cache(small_model, image, budget):
     tok, model = small_model
     ids = tokenizer_image_token(build_prompt(QUESTION), tok)
     options = {"seed": 0} if budget is None else {"seed": 0, "budget": budget}
-    budget = budget or DEFAULT_BUDGET
+    budget = budget or TOKEN_BUDGET
     out = model.generate(ids, [image], prune_method="topv", question_ids=tok(QUESTION, add_special_tokens=False).input_ids,
                          prune_options=options, gen_length=4, block_length=4, steps=2)
     v = out.visual[0]
@@ -115,9 +116,9 @@ def test_topv_prunes_only_later_layers_of_the_cache(small_model, image, budget):
     assert v.candidates == CANDIDATES_100 and v.tokens.shape[0] == CANDIDATES_100  # all enter the prompt
     assert v.lm_token_count == budget and v.kept.numel() == budget and bool((v.kept.diff() > 0).all())
     lengths = out.generation.prefix_cache.layer_lengths()
-    assert len(lengths) == model.config.llada.n_layers > DEFAULT_TOPV_LAYER + 1
+    assert len(lengths) == model.config.llada.n_layers > TopVOptions().layer + 1
     for layer, n in enumerate(lengths):
-        assert n == (prompt if layer <= DEFAULT_TOPV_LAYER else prompt - (CANDIDATES_100 - budget)), layer
+        assert n == (prompt if layer <= TopVOptions().layer else prompt - (CANDIDATES_100 - budget)), layer
 
 
 @pytest.mark.parametrize("method", BASELINES)
@@ -128,6 +129,6 @@ def test_selection_works_with_autograd_on(small_model, image, method):
     q = tok(QUESTION, add_special_tokens=False).input_ids
     v = model.encode_image(image, method, q, {"seed": 0})
     assert v.tokens.requires_grad
-    if v.lm_context is not None:  # TopV: its pre-LM fallback scores ctx.features (grad-carrying)
-        kept = REGISTRY[method].select(v.lm_context)
-        assert kept.numel() == DEFAULT_BUDGET
+    if v.context is not None:  # TopV: its pre-LM fallback scores ctx.features (grad-carrying)
+        kept = REGISTRY[method].select(v.context)
+        assert kept.numel() == TOKEN_BUDGET

@@ -1,22 +1,20 @@
-import time
-
 import pytest
 import torch
 
 from shirg_patches.baselines.random_stride import allocate, select_random, select_stride
+from tests.shirg_patches.baselines.conftest import selected
 
 
 @pytest.mark.parametrize("select", [select_random, select_stride])
 @pytest.mark.parametrize("budget", [980, 3645, 1])
 def test_contract_and_determinism(select, budget, make_ctx, check_contract):
     ctx = make_ctx(budget=budget)
-    idx = select(ctx)
-    check_contract(idx, ctx)
-    assert torch.equal(idx, select(make_ctx(budget=budget)))
+    check_contract(select(ctx), ctx)
+    assert torch.equal(selected(select, ctx), selected(select, make_ctx(budget=budget)))
 
 
 def test_random_differs_across_seeds(make_ctx):
-    assert not torch.equal(select_random(make_ctx(seed=0)), select_random(make_ctx(seed=1)))
+    assert not torch.equal(selected(select_random, make_ctx(seed=0)), selected(select_random, make_ctx(seed=1)))
 
 
 def test_allocate_is_proportional_and_exact():
@@ -32,11 +30,11 @@ def rows_cols(idx, cols):
 
 
 def test_stride_picks_evenly_spaced_rows_and_columns(make_ctx):
-    idx = select_stride(make_ctx(views=[(8, 8)], budget=16))
+    idx = selected(select_stride, make_ctx(views=[(8, 8)], budget=16))
     assert rows_cols(idx, 8) == ([1, 3, 5, 7], [1, 3, 5, 7])
 
     ctx = make_ctx()  # 196 in the 27x27 view, 784 in the 54x54 view: 14x14 and 28x28 grids
-    idx = select_stride(ctx)
+    idx = selected(select_stride, ctx)
     for (r, c), off, side in zip(ctx.view_shapes, ctx.view_offsets(), [14, 28]):
         local = idx[(idx >= off) & (idx < off + r * c)] - off
         rows, cols = rows_cols(local, c)
@@ -47,15 +45,7 @@ def test_stride_picks_evenly_spaced_rows_and_columns(make_ctx):
 
 
 def test_stride_odd_budget_stays_a_grid(make_ctx):
-    idx = select_stride(make_ctx(views=[(5, 5)], budget=7))
+    idx = selected(select_stride, make_ctx(views=[(5, 5)], budget=7))
     rows, _ = rows_cols(idx, 5)
     per_row = torch.bincount(idx // 5, minlength=5)[rows]
     assert per_row.sum() == 7 and per_row.max() - per_row.min() <= 1
-
-
-def test_timing_full_size(make_ctx):
-    ctx = make_ctx(d=64)
-    for select in (select_random, select_stride):
-        t = time.perf_counter()
-        select(ctx)
-        print(f"\n{select.__name__}: {(time.perf_counter() - t) * 1e3:.1f} ms (N=3645, D=64, budget 980)")

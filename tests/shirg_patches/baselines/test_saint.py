@@ -1,11 +1,11 @@
 import functools
-import time
 
 import pytest
 import torch
 
-from shirg_patches.baselines.saint import select_saint
+from shirg_patches.baselines.saint import SaintOptions, select_saint
 from shirg_patches.context import PruneContext
+from tests.shirg_patches.baselines.conftest import selected
 
 
 @pytest.fixture
@@ -16,9 +16,9 @@ def make_ctx(make_ctx):
 @pytest.mark.parametrize("budget", [980, 3645, 1])
 def test_contract_and_determinism(budget, make_ctx, check_contract):
     ctx = make_ctx(budget=budget)
-    idx = select_saint(ctx)
+    idx = selected(select_saint, ctx)
     check_contract(idx, ctx)
-    assert torch.equal(idx, select_saint(make_ctx(budget=budget)))
+    assert torch.equal(idx, selected(select_saint, make_ctx(budget=budget)))
 
 
 def duplicated_keys():
@@ -38,12 +38,5 @@ def duplicated_keys():
 def test_exact_duplicates_go_first_and_lowest_index_survives(iters, use_keys):
     keys, expected = duplicated_keys()
     ctx = PruneContext(features=torch.randn(32, 4), vision_features=keys, view_shapes=[(4, 8)], budget=24,
-                       keys=keys if use_keys else None, options={"iters": iters})
-    assert torch.equal(select_saint(ctx), expected)
-
-
-def test_timing_full_size(make_ctx):
-    ctx = make_ctx(d=64)
-    t = time.perf_counter()
-    select_saint(ctx)
-    print(f"\nselect_saint: {(time.perf_counter() - t) * 1e3:.1f} ms (N=3645, D=64, budget 980)")
+                       keys=keys if use_keys else None, options=SaintOptions(budget=24, iters=iters))
+    assert torch.equal(selected(select_saint, ctx), expected)

@@ -1,11 +1,10 @@
-import time
-
 import pytest
 import torch
 
 from llava.errors import InputError
-from shirg_patches.baselines.topv import DEFAULT_TOPV_LAYER, select_topv, topv_scores
+from shirg_patches.baselines.topv import TopVOptions, select_topv, topv_scores
 from shirg_patches.context import PruneContext
+from tests.shirg_patches.baselines.conftest import selected
 
 SMALL_VIEWS = [(9, 9), (18, 18)]  # default views at 1/3 scale: Sinkhorn on N = 3645 takes ~1 s on CPU
 
@@ -13,15 +12,15 @@ SMALL_VIEWS = [(9, 9), (18, 18)]  # default views at 1/3 scale: Sinkhorn on N = 
 @pytest.mark.parametrize("budget", [109, 405, 1])
 def test_contract_and_determinism(budget, make_ctx, check_contract):
     ctx = make_ctx(views=SMALL_VIEWS, budget=budget)
-    idx = select_topv(ctx)
+    idx = selected(select_topv, ctx)
     check_contract(idx, ctx)
-    assert torch.equal(idx, select_topv(make_ctx(views=SMALL_VIEWS, budget=budget)))
+    assert torch.equal(idx, selected(select_topv, make_ctx(views=SMALL_VIEWS, budget=budget)))
 
 
 def test_prefers_the_centre_when_features_are_equal():
     ctx = PruneContext(features=torch.ones(81, 4), vision_features=torch.ones(81, 4), view_shapes=[(9, 9)],
-                       budget=9, options={"recovery_ratio": 0.0})
-    assert select_topv(ctx).tolist() == [30, 31, 32, 39, 40, 41, 48, 49, 50]  # the central 3x3
+                       budget=9, options=TopVOptions(budget=9, recovery_ratio=0.0))
+    assert selected(select_topv, ctx).tolist() == [30, 31, 32, 39, 40, 41, 48, 49, 50]  # the central 3x3
     scores = topv_scores(ctx.features, ctx.features, ctx.positions()).view(9, 9)
     assert scores[4, 4] == scores.max() and scores[0, 0] == scores.min()
 
@@ -34,37 +33,27 @@ def test_each_view_has_its_own_centre():
 
 
 def test_uses_layer_states_and_drops_tokens_the_layer_overwrote(make_ctx):
-    ctx = make_ctx(views=[(12, 12)], budget=100, d=16)
     g = torch.Generator().manual_seed(3)
     inputs = torch.randn(144, 16, generator=g)
     outputs = inputs.clone()
     overwritten = torch.tensor([0, 17, 70, 71, 143])
     outputs[overwritten] = torch.randn(5, 16, generator=g)
-    ctx.options.update(layer_inputs=inputs, layer_outputs=outputs, recovery_ratio=0.0)
-    kept = select_topv(ctx)
+    ctx = make_ctx(views=[(12, 12)], budget=100, d=16, options=TopVOptions(budget=100, recovery_ratio=0.0),
+                   lm_hidden_in=inputs, lm_hidden_out=outputs)
+    kept = selected(select_topv, ctx)
     assert not set(overwritten.tolist()) & set(kept.tolist())
 
 
 def test_recovery_takes_evenly_strided_pruned_tokens():
     ctx = PruneContext(features=torch.ones(81, 4), vision_features=torch.ones(81, 4), view_shapes=[(9, 9)],
-                       budget=10, options={"recovery_ratio": 0.1})
-    kept = set(select_topv(ctx).tolist())
+                       budget=10, options=TopVOptions(budget=10, recovery_ratio=0.1))
+    kept = set(selected(select_topv, ctx).tolist())
     centre = {30, 31, 32, 39, 40, 41, 48, 49, 50}
     assert centre <= kept and len(kept - centre) == 1
 
 
 def test_half_given_layer_states_is_an_error(make_ctx):
-    ctx = make_ctx(views=[(4, 4)], budget=4, layer_inputs=torch.randn(16, 8))
+    ctx = make_ctx(views=[(4, 4)], budget=4, lm_hidden_in=torch.randn(16, 8))
     with pytest.raises(InputError):
-        select_topv(ctx)
+        selected(select_topv, ctx)
 
-
-def test_default_layer():
-    assert DEFAULT_TOPV_LAYER == 2
-
-
-def test_timing_full_size(make_ctx):
-    ctx = make_ctx(d=64)
-    t = time.perf_counter()
-    select_topv(ctx)
-    print(f"\nselect_topv: {(time.perf_counter() - t) * 1e3:.1f} ms (N=3645, D=64, budget 980, 10 Sinkhorn iters)")

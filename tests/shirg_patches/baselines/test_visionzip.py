@@ -1,13 +1,13 @@
 import functools
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from llava.errors import InputError
-from shirg_patches.baselines.visionzip import select_visionzip
+from shirg_patches.baselines.visionzip import VisionZipOptions, select_visionzip
 from shirg_patches.context import Selection
+from tests.shirg_patches.baselines.conftest import selected
 
 
 @pytest.fixture
@@ -19,22 +19,22 @@ def make_ctx(make_ctx):
 @pytest.mark.parametrize("budget", [980, 3645, 1])
 def test_contract_and_determinism(budget, make_ctx, check_contract):
     ctx = make_ctx(budget=budget)
-    sel = select_visionzip(ctx)
+    sel = selected(select_visionzip, ctx)
     assert isinstance(sel, Selection)
     check_contract(sel, ctx)
-    again = select_visionzip(make_ctx(budget=budget))
+    again = selected(select_visionzip, make_ctx(budget=budget))
     assert torch.equal(sel.indices, again.indices) and torch.equal(sel.tokens, again.tokens)
 
 
 def test_full_budget_keeps_every_token_unchanged(make_ctx):
     ctx = make_ctx(budget=3645)
-    sel = select_visionzip(ctx)
+    sel = selected(select_visionzip, ctx)
     assert torch.equal(sel.tokens, ctx.features)
 
 
 def test_keeps_highest_attention_tokens_as_they_are(make_ctx):
     ctx = make_ctx()
-    sel = select_visionzip(ctx)
+    sel = selected(select_visionzip, ctx)
     dominant = torch.topk(ctx.attn_received, round(0.85 * 980)).indices
     pos = torch.searchsorted(sel.indices, dominant)
     assert torch.equal(sel.indices[pos], dominant)
@@ -43,10 +43,10 @@ def test_keeps_highest_attention_tokens_as_they_are(make_ctx):
 
 @pytest.mark.parametrize("use_keys", [True, False])
 def test_contextual_tokens_are_averages_of_their_merged_tokens(use_keys, make_ctx):
-    ctx = make_ctx(views=[(6, 6)], budget=10, dominant_ratio=0.6)
+    ctx = make_ctx(views=[(6, 6)], budget=10, options=VisionZipOptions(budget=10, dominant_ratio=0.6))
     if not use_keys:
         ctx.keys = None
-    sel = select_visionzip(ctx)
+    sel = selected(select_visionzip, ctx)
     k = F.normalize(ctx.keys if use_keys else ctx.vision_features, dim=-1)
     dominant = set(torch.topk(ctx.attn_received, 6).indices.tolist())
     targets = [i for i in sel.indices.tolist() if i not in dominant]
@@ -61,21 +61,14 @@ def test_contextual_tokens_are_averages_of_their_merged_tokens(use_keys, make_ct
 
 
 def test_contextual_targets_are_strided_over_the_rest(make_ctx):
-    ctx = make_ctx(views=[(10, 10)], budget=5, dominant_ratio=0.2)
+    ctx = make_ctx(views=[(10, 10)], budget=5, options=VisionZipOptions(budget=5, dominant_ratio=0.2))
     ctx.attn_received = torch.zeros(100)
     ctx.attn_received[0] = 1.0  # dominant: token 0; 4 targets over tokens 1..99
-    assert select_visionzip(ctx).indices.tolist() == [0, 13, 38, 62, 87]
+    assert selected(select_visionzip, ctx).indices.tolist() == [0, 13, 38, 62, 87]
 
 
 def test_needs_attention(make_ctx):
     ctx = make_ctx(views=[(4, 4)], budget=4)
     ctx.attn_received = None
     with pytest.raises(InputError):
-        select_visionzip(ctx)
-
-
-def test_timing_full_size(make_ctx):
-    ctx = make_ctx(d=64)
-    t = time.perf_counter()
-    select_visionzip(ctx)
-    print(f"\nselect_visionzip: {(time.perf_counter() - t) * 1e3:.1f} ms (N=3645, D=64, budget 980)")
+        selected(select_visionzip, ctx)

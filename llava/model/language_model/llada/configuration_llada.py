@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from llava.constants import EOS_TOKEN_ID, MASK_TOKEN_ID, PAD_TOKEN_ID
 from llava.errors import ConfigError
 
 REQUIRED_KEYS = ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size", "rope_theta")
@@ -42,9 +43,9 @@ class LLaDAConfig:
     embedding_size: Optional[int] = None  # rows of wte and of the LM head; None -> vocab_size
     rms_norm_eps: float = 1e-5
     max_sequence_length: int = 4096
-    mask_token_id: int = 126336
-    eos_token_id: int = 126081
-    pad_token_id: int = 126081
+    mask_token_id: int = MASK_TOKEN_ID
+    eos_token_id: int = EOS_TOKEN_ID
+    pad_token_id: int = PAD_TOKEN_ID
     weight_tying: bool = False
 
     def __post_init__(self):
