@@ -26,5 +26,7 @@ setup(
         "train": ["deepspeed>=0.15,<1", "accelerate>=1.0,<2"],
         "gpu": ["flash-attn>=2.6,<3", "bitsandbytes>=0.45,<1"],
         "dev": ["pytest>=8,<10"],
+        # parquet exports of the evaluation sets (lmms-eval's ChartQA/DocVQA/VQAv2); JSON needs nothing extra
+        "eval": ["pyarrow>=14,<30"],
     },
 )

@@ -1,0 +1,169 @@
+"""EntityGrid-QA generator: determinism, correctness of answers against the drawn scene, geometry, format."""
+import json
+import re
+
+import numpy as np
+import pytest
+
+from llava.eval import entitygrid as eg
+from llava.eval.datasets import load_dataset
+from llava.mm_utils import load_image
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """24 test images (96 items) under <root>/entitygrid, as the evaluation layout expects."""
+    root = tmp_path_factory.mktemp("egroot")
+    stats = eg.generate(root / "entitygrid", "test", 24)
+    return root, stats
+
+
+def _scenes(root):
+    return json.loads((root / "entitygrid" / "test_scenes.json").read_text())
+
+
+def test_deterministic_by_seed_and_distinct_across_splits_and_seeds():
+    img_a, scene_a, q_a = eg.make_sample("test", 5)
+    img_b, scene_b, q_b = eg.make_sample("test", 5)
+    assert scene_a == scene_b and q_a == q_b and img_a.tobytes() == img_b.tobytes()
+    assert eg.make_sample("train", 5)[1] != scene_a
+    assert eg.make_sample("val", 5)[1] != scene_a
+    assert eg.make_sample("test", 5, seed=1)[1] != scene_a
+    assert eg.make_sample("test", 6)[1] != scene_a
+    with pytest.raises(ValueError, match="unknown split"):
+        eg.make_sample("dev", 0)
+
+
+def test_seed_offset_generates_the_same_images_in_chunks(tmp_path):
+    eg.generate(tmp_path, "val", 2, seed_offset=3)
+    items = json.loads((tmp_path / "val.json").read_text())
+    assert [i["image"] for i in items[::4]] == ["images/val-grid-s0-000003.png", "images/val-grid-s0-000004.png"]
+    _, scene, questions = eg.make_sample("val", 4)
+    assert json.loads((tmp_path / "val_scenes.json").read_text())["images/val-grid-s0-000004.png"] == scene
+    assert [i["question"] for i in items[4:]] == [q for q, _, _ in questions]
+
+
+def test_written_split_loads_through_the_generic_loader(written):
+    root, stats = written
+    assert stats["images"] == 24 and stats["items"] == 96  # 4 questions per image
+    ds = load_dataset("entitygrid", root)
+    assert len(ds) == 96 and ds.missing_images == 0 and len({i.id for i in ds}) == 96
+    assert {i.meta["qtype"] for i in ds} == set(eg.QTYPES)
+    for item in ds:
+        assert len(item.answers) == 1 and item.answers[0] in eg.ANSWER_VOCAB
+        assert item.meta["kind"] == "grid"
+    image = load_image(ds[0].image)
+    w, h = ds[0].meta["image_size"]
+    assert image.mode == "RGB" and image.size == (w, h)
+    assert 768 <= w <= 1536 and 768 <= h <= 1536
+
+
+def _derive(question: str, entities: list) -> str:
+    """The answer to a question re-derived from its text and the scene's entities (not from item meta)."""
+    def one(**match):
+        found = [e for e in entities if all(e[k] == v for k, v in match.items())]
+        assert len(found) == 1, (question, match, found)
+        return found[0]
+
+    if m := re.fullmatch(r"What is the label on the (\w+) (\w+)\?", question):
+        return one(colour=m[1], shape=m[2])["label"]
+    if m := re.fullmatch(r"What colour is the shape labelled (\w)\?", question):
+        return one(label=m[1])["colour"]
+    if m := re.fullmatch(r"What shape is labelled (\w)\?", question):
+        return one(label=m[1])["shape"]
+    if m := re.fullmatch(r"How many (\w+)s are there\?", question):
+        return str(sum(e["shape"] == m[1] for e in entities))
+    if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
+        return str(sum(e["colour"] == m[1] for e in entities))
+    if m := re.fullmatch(r"Is the (\w+) (\w+) (left or right of|above or below) the (\w+) (\w+)\?", question):
+        a, b = one(colour=m[1], shape=m[2]), one(colour=m[4], shape=m[5])
+        lo, hi = (0, 2) if m[3].startswith("left") else (1, 3)
+        assert a["box"][hi] <= b["box"][lo] or b["box"][hi] <= a["box"][lo], "extents overlap: ambiguous"
+        first = a["box"][hi] <= b["box"][lo]
+        return ("left" if first else "right") if lo == 0 else ("above" if first else "below")
+    raise AssertionError(f"unexpected question form: {question}")
+
+
+def test_answers_match_the_recorded_entities(written):
+    root, _ = written
+    scenes = _scenes(root)
+    items = json.loads((root / "entitygrid" / "test.json").read_text())
+    for item in items:
+        entities = scenes[item["image"]]["entities"]
+        assert item["answers"] == [_derive(item["question"], entities)], item["question"]
+        meta = item["meta"]
+        assert meta["n_entities"] == len(entities)
+        if meta["target"] is not None:
+            assert meta["target"] in entities
+        if meta["qtype"] == "position":
+            assert meta["reference"] in entities and meta["axis"] in ("x", "y")
+
+
+def test_scene_geometry_and_uniqueness(written):
+    root, _ = written
+    for scene in _scenes(root).values():
+        w, h = scene["size"]
+        ents = scene["entities"]
+        assert 12 <= len(ents) <= 24
+        assert len({(e["colour"], e["shape"]) for e in ents}) == len(ents)
+        assert len({e["label"] for e in ents}) == len(ents)
+        for i, e in enumerate(ents):
+            x0, y0, x1, y1 = e["box"]
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+            assert x1 - x0 == y1 - y0 == e["size"] >= eg.MIN_SIDE
+            assert e["size"] <= max(2 * eg.MIN_SIDE, 0.09 * max(w, h)) + 1
+            for o in ents[i + 1:]:
+                assert x1 <= o["box"][0] or o["box"][2] <= x0 or y1 <= o["box"][1] or o["box"][3] <= y0
+
+
+def test_shapes_and_labels_are_drawn_in_their_boxes(written):
+    root, _ = written
+    for name, scene in list(_scenes(root).items())[:6]:
+        pixels = np.asarray(load_image(root / "entitygrid" / name))
+        for e in scene["entities"]:
+            x0, y0, x1, y1 = e["box"]
+            patch = pixels[y0:y1, x0:x1].reshape(-1, 3)
+            fill = np.all(patch == eg.COLOURS[e["colour"]], axis=1).sum()
+            text = np.all(patch == eg.text_colour(e["colour"]), axis=1).sum()
+            assert fill > 0.2 * patch.shape[0], (name, e)
+            assert text >= 6, (name, e)  # label strokes actually drawn
+            # and nothing of that fill colour right outside the box (the box is tight around the shape)
+            ring = pixels[max(0, y0 - 2):y1 + 2, max(0, x0 - 2):x1 + 2].reshape(-1, 3)
+            assert np.all(ring == eg.COLOURS[e["colour"]], axis=1).sum() == fill
+
+
+def test_sizes_span_global_readable_to_native_only(written):
+    root, _ = written
+    items = json.loads((root / "entitygrid" / "test.json").read_text())
+    sized = [i["meta"] for i in items if i["meta"]["size_px"] is not None]
+    g = [m["size_global_px"] for m in sized]
+    assert min(g) < eg.BUCKET_NATIVE_BELOW and max(g) > 20
+    assert {m["size_bucket"] for m in sized} == {"native", "mid", "global"}
+    for m in sized:
+        w, h = m["image_size"]
+        assert m["size_global_px"] == pytest.approx(m["size_px"] * 384 / max(w, h), abs=0.01)
+        if m["box"] is not None:
+            assert 0.0 <= m["center_dist"] <= 1.0
+
+
+def test_single_kind_has_few_large_entities(tmp_path):
+    stats = eg.generate(tmp_path, "train", 12, kind="single")
+    scenes = json.loads((tmp_path / "train_scenes.json").read_text())
+    items = json.loads((tmp_path / "train.json").read_text())
+    assert stats["images"] == 12 and len(items) == 48
+    for scene in scenes.values():
+        w, h = scene["size"]
+        assert 384 <= w <= 768 and 384 <= h <= 768 and 1 <= len(scene["entities"]) <= 3
+        assert all(e["size"] >= 0.15 * min(w, h) - 1 for e in scene["entities"])
+    for item in items:
+        assert item["answers"] == [_derive(item["question"], scenes[item["image"]]["entities"])]
+        if item["meta"]["size_bucket"] is not None:
+            assert item["meta"]["size_bucket"] == "global"
+
+
+def test_cli(tmp_path, capsys):
+    assert eg.main(["--split", "val", "--n", "3", "--out", str(tmp_path), "--questions-per-image", "2"]) == 0
+    assert "wrote 6 items on 3 images" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "val.json").read_text())) == 6
+    with pytest.raises(SystemExit):
+        eg.main(["--split", "val", "--n", "-1", "--out", str(tmp_path)])
