@@ -27,6 +27,7 @@ demo: $(STAMP)
 	$(PY) -m llava.eval.run --image $(IMAGE) --question "$(QUESTION)" --prune_method shirg --save_heatmap outputs/shirg_heatmap.png
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 test-shapes: $(STAMP)

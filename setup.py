@@ -12,9 +12,6 @@ setup(
     install_requires=[
         "torch>=2.4,<2.15",
         "transformers>=4.50,<6",
-        "peft>=0.13,<1",
-        "einops>=0.7,<1",
-        "sentencepiece>=0.2,<1",
         "safetensors>=0.4,<1",
         "tokenizers>=0.20,<1",
         "pillow>=10,<14",
@@ -23,9 +20,10 @@ setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
-        "train": ["deepspeed>=0.15,<1", "accelerate>=1.0,<2"],
-        "gpu": ["flash-attn>=2.6,<3", "bitsandbytes>=0.45,<1"],
-        "dev": ["pytest>=8,<10"],
+        # imported only by llava/train/: LoRA, ZeRO, the yaml data list, QLoRA (bitsandbytes runs on CPU too)
+        "train": ["peft>=0.13,<1", "deepspeed>=0.15,<1", "pyyaml>=6,<7", "bitsandbytes>=0.45,<1"],
+        "gpu": ["flash-attn>=2.6,<3"],
+        "dev": ["pytest>=8,<10", "ruff>=0.6,<1"],
         # parquet exports of the evaluation sets (lmms-eval's ChartQA/DocVQA/VQAv2); JSON needs nothing extra
         "eval": ["pyarrow>=14,<30"],
     },

@@ -247,8 +247,8 @@ def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE
 
     Chunks between placeholders are tokenised separately with the tokenizer's default special-token handling,
     exactly as upstream calls it (LLaDA's tokenizer is expected to add none; BOS then comes from the chat template
-    text). If a tokenizer's post-processor does prepend BOS, this reproduces upstream's doubled BOS and kept newline
-    (spec §4.6). Upstream quirk, reproduced on purpose because the published numbers depend on it: when the first
+    text). If a tokenizer's post-processor does prepend BOS, this reproduces upstream's doubled BOS and kept newline.
+    Upstream quirk, reproduced on purpose because the published numbers depend on it: when the first
     chunk starts with BOS, the first token of EVERY chunk after an `<image>` is dropped — with the standard prompt
     that is the newline following `<image>`.
     """

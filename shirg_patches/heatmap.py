@@ -17,9 +17,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from llava.constants import FOVEA_GRID
 from llava.errors import InputError
 from llava.utils import atomic_file
-from llava.constants import FOVEA_GRID
 from shirg_patches.foveal import box_to_token_rects
 from shirg_patches.scoring import minmax
 

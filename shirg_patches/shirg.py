@@ -46,7 +46,9 @@ def keep_count(keep_ratio: float, num_tokens: int = FOVEA_TOKENS) -> int:
     return k
 
 
-def resize_global_tokens(tokens: torch.Tensor, side_in: int = SIGLIP_GRID, side_out: int = SHIRG_GLOBAL_GRID) -> torch.Tensor:
+def resize_global_tokens(
+    tokens: torch.Tensor, side_in: int = SIGLIP_GRID, side_out: int = SHIRG_GLOBAL_GRID
+) -> torch.Tensor:
     """[side_in², D] or [1, side_in², D] → [side_out², D] by bilinear resizing of the token grid,
     the same op family as LaViDa's 27→14 pooling, so the LM sees familiar-looking global tokens."""
     if tokens.dim() == 3 and tokens.shape[0] == 1:

@@ -140,7 +140,8 @@ def bench(model, tokenizer, image, question, methods, repeats, warmup, shared_vi
 def format_table(title: str, samples: dict[str, Samples]) -> str:
     med = {m: statistics.median(s.total) for m, s in samples.items()}
     base = med.get("pool", next(iter(med.values())))
-    lines = [title, f"{'method':<10}{'LM tokens':>10}{'vision+sel ms':>15}{'ratio':>8}{'select ms':>11}{'select/vision':>15}"]
+    header = f"{'method':<10}{'LM tokens':>10}{'vision+sel ms':>15}{'ratio':>8}{'select ms':>11}{'select/vision':>15}"
+    lines = [title, header]
     for m, s in samples.items():
         sel, vis = statistics.median(s.select), statistics.median(s.vision)
         lines.append(f"{m:<10}{s.tokens:>10}{med[m] * 1e3:>15.1f}{med[m] / base:>7.2f}x"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 import string
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -182,7 +182,9 @@ VQA_NUMBER_WORDS["none"] = "0"
 VQA_ARTICLES = frozenset({"a", "an", "the"})
 # Punctuation characters handled by the official code. Apostrophes, colons and periods are not in the list
 # (periods have their own rule below).
-VQA_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+VQA_PUNCTUATION = (
+    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!",
+)
 # A comma between two digits ("1,000"): its presence anywhere switches the whole string to "delete punctuation".
 _DIGIT_COMMA = re.compile(r"(?<=\d),+(?=\d)")
 # A period NOT followed by a digit. The official pattern is "(?!<=\d)(\.)(?!\d)": its first group is a typo for a

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"how visual tokens are produced: {', '.join(sorted(REGISTRY))} (default: lavida)")
     pool = p.add_mutually_exclusive_group()
     pool.add_argument("--pool", dest="pool", action="store_true", default=None, help="LaViDa 27->14 pooling on")
-    pool.add_argument("--no-pool", dest="pool", action="store_false", help="pooling off (3699 tokens for a square image)")
+    pool.add_argument("--no-pool", dest="pool", action="store_false",
+                      help="pooling off (3699 tokens for a square image)")
     g = p.add_argument_group("diffusion sampler")
     g.add_argument("--gen-length", type=int, default=32, help="answer slots L")
     g.add_argument("--block-length", type=int, default=None, help="default: min(128, gen-length)")
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shift", type=float, default=None, help="alpha for --schedule shift (default 3)")
     g.add_argument("--remasking", default="low_confidence", help="low_confidence/random/entropy/margin")
     g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", help="recompute the prompt every step")
+    g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="recompute the prompt every step")
     g.add_argument("--seed", type=int, default=0)
     add_method_option_flags(p)
     p.add_argument("--save_heatmap", "--save-heatmap", default=None, metavar="PNG",
@@ -149,7 +151,8 @@ def run(args) -> dict:
     question_ids = tokenizer(question, add_special_tokens=False).input_ids if question else None
     schedule_kwargs = {"shift": args.shift} if args.shift is not None else None
     out = model.generate(
-        input_ids, [image], prune_method=method.name, question_ids=question_ids, prune_options={**opts, "seed": args.seed},
+        input_ids, [image], prune_method=method.name, question_ids=question_ids,
+        prune_options={**opts, "seed": args.seed},
         pool=args.pool, timer=timer, gen_length=args.gen_length, block_length=block_length, steps=args.steps,
         temperature=args.temperature, remasking=args.remasking, schedule=args.schedule,
         schedule_kwargs=schedule_kwargs, prefix_cache=args.prefix_cache,

@@ -38,7 +38,8 @@ class MultimodalConfig:
 
     `mm_2d_pool` is this project's explicit pooling switch (true/false; null = LaViDa default,
     which is to pool). `mm_vision_attn_implementation` picks SigLIP's attention kernel: `eager`
-    (upstream's numerics, default) or `sdpa` (faster; ~1 % relative feature drift in bf16). `vision_config` holds the SigLIP config for checkpoints whose tower is not
+    (upstream's numerics, default) or `sdpa` (faster; ~1 % relative feature drift in bf16).
+    `vision_config` holds the SigLIP config for checkpoints whose tower is not
     the stock so400m (the built-in small model); real LaViDa configs don't have it.
     """
 
@@ -289,7 +290,8 @@ class LlavaMetaForCausalLM:
                 return visual
             sel = run_select(method.select, ctx)
             tokens = sel.tokens if sel.tokens is not None else flat_proj[sel.indices]
-        return VisualTokens(tokens, method.name, flat_proj.shape[0], shapes, kept=sel.indices, info={**info, **sel.info})
+        return VisualTokens(tokens, method.name, flat_proj.shape[0], shapes, kept=sel.indices,
+                            info={**info, **sel.info})
 
     # ---- prompt assembly -----------------------------------------------------------------------
     def prepare_inputs_embeds(

@@ -7,13 +7,12 @@ graph adapts as redundant neighbours disappear. It runs once on SigLIP outputs, 
 so the prefix K/V cache stays valid for every diffusion step.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from llava.errors import InputError
-from dataclasses import dataclass
-
 from shirg_patches.context import PruneContext
 from shirg_patches.registry import BudgetOptions, PruneMethod, option, register
 

@@ -53,9 +53,11 @@ class TopVOptions(BudgetOptions):
 
 def topv_scores(layer_inputs: torch.Tensor, layer_outputs: torch.Tensor, positions: torch.Tensor,
                 centre_weight: float = 0.5, spatial_weight: float = 0.5, iters: int = 10,
-                epsilon: float = 0.05, view_sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+                epsilon: float = 0.05, view_sizes: Optional[Sequence[int]] = None,
+                return_plan: bool = False):
     """[N] importance (higher = keep). view_sizes: tokens per view, in order (None = one view).
-    Peak memory is two N x N fp32 matrices (the log kernel and one work buffer)."""
+    Peak memory is two N x N fp32 matrices (the log kernel and one work buffer); `return_plan`
+    also returns a copy of the transport plan P (a third one), for inspection and tests."""
     n = layer_inputs.shape[0]
     # detached: the scores only rank, and the in-place / out= ops below fail under autograd
     x = F.normalize(layer_inputs.detach().float(), dim=-1)
@@ -77,7 +79,9 @@ def topv_scores(layer_inputs: torch.Tensor, layer_outputs: torch.Tensor, positio
         f = log_m - logsumexp_(torch.add(log_k, g[None, :], out=buf), dim=1)
         g = log_m - logsumexp_(torch.add(log_k, f[:, None], out=buf), dim=0)
     plan = torch.add(log_k, f[:, None], out=buf).add_(g[None, :]).exp_()
-    return epsilon * n * plan.mul_(log_k).sum(1)  # = -N * sum_j P_ij C_ij
+    kept_plan = plan.clone() if return_plan else None
+    scores = epsilon * n * plan.mul_(log_k).sum(1)  # = -N * sum_j P_ij C_ij
+    return (scores, kept_plan) if return_plan else scores
 
 
 def logsumexp_(a: torch.Tensor, dim: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""mm_utils: image loading/validation, any-res views, §4.5 token counts, tokenizer_image_token."""
+"""mm_utils: image loading/validation, any-res views, upstream token counts, tokenizer_image_token."""
 
 import io
 import struct
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from llava.constants import IMAGE_TOKEN_INDEX
+from llava.constants import DEFAULT_GRID_PINPOINTS, IMAGE_TOKEN_INDEX
 from llava.errors import ImageError
 from llava.mm_utils import (
     anyres_token_count,
@@ -28,7 +28,8 @@ from llava.mm_utils import (
 
 # ---------------------------------------------------------------------------------------------- grid and counts
 
-# image (W, H): (grid (cols, rows), pooled kept Hk x Wk, pooled tokens, unpooled tokens) — spec §4.5
+# image (W, H): (grid (cols, rows), pooled kept Hk x Wk, pooled tokens, unpooled tokens),
+# from upstream's spatial_unpad arithmetic
 TABLE = {
     (500, 500): ((2, 2), (28, 28), 1008, 3699),
     (768, 768): ((2, 2), (28, 28), 1008, 3699),
@@ -334,10 +335,39 @@ class BosAddingTokenizer(FakeTokenizer):
 
 
 def test_tokenizer_image_token_uses_default_special_tokens_like_upstream():
-    """Spec §4.6: upstream tokenises each chunk with the tokenizer's defaults. If the tokenizer adds BOS itself,
+    """Upstream tokenises each chunk with the tokenizer's defaults. If the tokenizer adds BOS itself,
     the prompt starts with a doubled BOS and the dropped first token of the later chunk is that BOS, so the
     newline after <image> is kept."""
     tok = BosAddingTokenizer()
     ids = tokenizer_image_token("<s> user <image>\nhi", tok)
     bos, user, newline, hi = 1, tok.vocab["user"], tok.vocab["\n"], tok.vocab["hi"]
     assert ids == [bos, bos, user, IMAGE_TOKEN_INDEX, newline, hi]
+
+
+# ---- parity with transformers (the library LaViDa's upstream preprocessing goes through) ----------------------
+def test_resize_normalise_matches_transformers_siglip_processor():
+    """The hand-written SigLIP preprocessing is bit-identical to transformers' SigLIP image processor
+    (bicubic resize to 384², rescale 1/255, mean/std 0.5) on odd sizes, aspects and modes."""
+    from llava.model.builder import siglip_image_processor
+
+    processor = siglip_image_processor(384)
+    rng = np.random.default_rng(7)
+    for w, h, mode in [(700, 500, "RGB"), (384, 384, "RGB"), (33, 1000, "RGB"), (1500, 90, "L"), (640, 480, "RGBA")]:
+        channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+        arr = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+        image = Image.fromarray(arr[..., 0] if channels == 1 else arr, mode).convert("RGB")
+        ours = image_to_tensor(image, 384)
+        theirs = processor(image, return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(ours, theirs), (w, h, mode)
+
+
+def test_best_resolution_matches_transformers():
+    """Same grid as transformers' `select_best_resolution` (which takes (height, width) pairs)."""
+    from transformers.image_processing_utils import select_best_resolution as hf_select
+
+    pinpoints_hw = [(h, w) for w, h in DEFAULT_GRID_PINPOINTS]
+    sizes = [(w, h) for w in (14, 100, 383, 384, 385, 640, 767, 768, 1000, 1152, 2000, 4000)
+             for h in (14, 90, 384, 480, 768, 1151, 1152, 3000)]
+    for w, h in sizes:
+        hh, ww = hf_select((h, w), pinpoints_hw)
+        assert select_best_resolution((w, h), DEFAULT_GRID_PINPOINTS) == (ww, hh), (w, h)

@@ -34,7 +34,8 @@ def test_saliency_centres_on_off_centre_hot_spot():
     assert (left, top, right, bottom) != fovea_box((w, h), "center")
 
 
-@pytest.mark.parametrize("cell,expect", [((0, 0), (0, 0)), ((26, 26), (2000 - 448, 1600 - 448)), ((26, 0), (0, 1600 - 448))])
+@pytest.mark.parametrize("cell,expect",
+                         [((0, 0), (0, 0)), ((26, 26), (2000 - 448, 1600 - 448)), ((26, 0), (0, 1600 - 448))])
 def test_saliency_clamps_at_borders(cell, expect):
     left, top, right, bottom = fovea_box((2000, 1600), "saliency", _hot(*cell))
     assert (left, top) == expect and (right, bottom) == (expect[0] + 448, expect[1] + 448)
@@ -44,7 +45,8 @@ def test_saliency_flat_map_is_centre_and_flat_input_accepted():
     box = fovea_box((2000, 1600), "saliency", torch.ones(27, 27))
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     assert abs(cx - 1000) <= 2000 / 27 and abs(cy - 800) <= 1600 / 27
-    assert fovea_box((2000, 1600), "saliency", _hot(5, 20).flatten()) == fovea_box((2000, 1600), "saliency", _hot(5, 20))
+    flat = fovea_box((2000, 1600), "saliency", _hot(5, 20).flatten())
+    assert flat == fovea_box((2000, 1600), "saliency", _hot(5, 20))
 
 
 def test_fovea_box_errors():

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from llava.constants import FOVEA_TOKENS, SHIRG_GLOBAL_TOKENS
 from llava.conversation import build_prompt
 from llava.errors import InputError
 from llava.mm_utils import load_image, tokenizer_image_token
-from llava.constants import FOVEA_TOKENS, SHIRG_GLOBAL_TOKENS
 from llava.model.llava_arch import build_prefill_hook
 from shirg_patches import REGISTRY, get_method
 from shirg_patches.heatmap import save_heatmap

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llava.constants import DEFAULT_KEEP_RATIO, FOVEA_TOKENS, SHIRG_GLOBAL_TOKENS
 from llava.errors import InputError
 from shirg_patches.context import PruneContext
 from shirg_patches.scoring import NO_QUESTION_NOTE
-from llava.constants import DEFAULT_KEEP_RATIO, FOVEA_TOKENS, SHIRG_GLOBAL_TOKENS
 from shirg_patches.shirg import (
     ShirgOptions,
     assemble_tokens,

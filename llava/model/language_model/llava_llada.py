@@ -19,7 +19,9 @@ from transformers import SiglipVisionConfig
 
 from llava.errors import ConfigError, InputError
 from llava.model.language_model.llada.configuration_llada import LLaDAConfig
-from llava.model.language_model.llada.generate import GenerationOutput, generate as llada_generate
+from llava.model.language_model.llada.generate import GenerationOutput
+from llava.model.language_model.llada.generate import generate as llada_generate
+from llava.model.language_model.llada.generate import generate_batch as llada_generate_batch
 from llava.model.language_model.llada.modeling_llada import LLaDAModel
 from llava.model.llava_arch import LlavaMetaForCausalLM, MultimodalConfig, VisualTokens, build_prefill_hook
 from llava.model.multimodal_encoder.siglip_encoder import SigLipVisionTower, so400m_vision_config
@@ -138,3 +140,60 @@ class LlavaLLaDAForCausalLM(nn.Module, LlavaMetaForCausalLM):
             timer.add("prefill", out.prefill_seconds)
         timer.add("steps", sum(out.step_seconds))
         return MultimodalGeneration(out, visual, embeds.shape[1])
+
+    @torch.no_grad()
+    def generate_batch(
+        self,
+        input_ids: Sequence[Sequence[int] | torch.Tensor],
+        images: Sequence[Sequence[Image.Image]],
+        *,
+        prune_method: str = "pool",
+        question_ids: Optional[Sequence[Optional[Sequence[int]]]] = None,
+        prune_options: Optional[dict] = None,
+        pool: Optional[bool] = None,
+        timers: Optional[Sequence[StageTimer]] = None,
+        **gen_kwargs,
+    ) -> list[MultimodalGeneration]:
+        """`generate` for B prompts at once (one list of images per prompt); returns one result per prompt.
+
+        Each prompt's images are encoded and spliced exactly as in `generate`; the prompts, whose lengths
+        may differ (visual-token counts and question lengths), are then sampled together by
+        `llada.generate.generate_batch` (right padding, per-sample positions and attention), so at
+        temperature 0 every answer equals the batch-1 answer. Methods that prune inside the LM (a
+        prefill hook, e.g. TopV) keep one prompt per prefill: their prompts run one at a time here.
+
+        `timers` (one per prompt) get each prompt's own encode stages, and the batch's prefill and
+        steps time divided by B (the share of one answer). Each result's `generation` holds its own
+        row of tokens and the batch's shared nfe / timings.
+        """
+        B = len(input_ids)
+        if len(images) != B:
+            raise InputError(f"generate_batch got {B} prompts but {len(images)} image lists")
+        question_ids = list(question_ids) if question_ids is not None else [None] * B
+        timers = list(timers) if timers is not None else [NullTimer() for _ in range(B)]
+        if len(question_ids) != B or len(timers) != B:
+            raise InputError("generate_batch needs one question_ids entry and one timer per prompt")
+        if B == 0:
+            return []
+        from shirg_patches import get_method
+
+        if get_method(prune_method).prefill_hook is not None:
+            return [self.generate(ids, imgs, prune_method=prune_method, question_ids=q, prune_options=prune_options,
+                                  pool=pool, timer=t, **gen_kwargs)
+                    for ids, imgs, q, t in zip(input_ids, images, question_ids, timers)]
+        visuals, prompts = [], []
+        for ids, imgs, q, timer in zip(input_ids, images, question_ids, timers):
+            visual = [self.encode_image(img, prune_method, q, prune_options, pool, timer) for img in imgs]
+            with timer("embed"):
+                embeds, _ = self.prepare_inputs_embeds(ids, visual)
+            visuals.append(visual)
+            prompts.append(embeds)
+        out = llada_generate_batch(self.model, prompts, **gen_kwargs)
+        results = []
+        for b, timer in enumerate(timers):
+            if out.prefill_seconds:
+                timer.add("prefill", out.prefill_seconds / B)
+            timer.add("steps", sum(out.step_seconds) / B)
+            row = GenerationOutput(out.tokens[b : b + 1], out.nfe, out.prefill_seconds, out.step_seconds)
+            results.append(MultimodalGeneration(row, visuals[b], prompts[b].shape[1]))
+        return results

@@ -111,7 +111,8 @@ def _image(size: tuple[int, int], background: tuple[int, int, int], seed: int) -
 
 def _encode(image: Image.Image, suffix: str) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="JPEG" if suffix in (".jpg", ".jpeg") else "PNG", **({"quality": 85} if suffix == ".jpg" else {}))
+    jpeg = suffix in (".jpg", ".jpeg")
+    image.save(buf, format="JPEG" if jpeg else "PNG", **({"quality": 85} if suffix == ".jpg" else {}))
     return buf.getvalue()
 
 
@@ -159,7 +160,8 @@ def write_parquet_root(root: str | Path) -> Path:
         return {"bytes": image_bytes(rel), "path": Path(rel).name}
 
     chart_rows = [
-        {"type": f"{split}_test", "question": r["query"], "answer": r["label"], "image": img(f"chartqa/png/{r['imgname']}")}
+        {"type": f"{split}_test", "question": r["query"], "answer": r["label"],
+         "image": img(f"chartqa/png/{r['imgname']}")}
         for split, recs in (("human", CHARTQA_HUMAN), ("augmented", CHARTQA_AUGMENTED))
         for r in recs
     ]

@@ -52,7 +52,8 @@ def test_token_counts():
     assert cm.registry_methods()["pool"].projected_tokens(dims) == 3645
     assert cm.registry_methods()["full"].projected_tokens(dims) == 3645
     assert cm.registry_methods()["shirg"].projected_tokens(dims) == 1753
-    assert [cm.registry_methods()[m].lm_visual_tokens for m in ("pool", "full", "shirg", "topv")] == [1008, 3699, 980, 980]
+    methods = cm.registry_methods()
+    assert [methods[m].lm_visual_tokens for m in ("pool", "full", "shirg", "topv")] == [1008, 3699, 980, 980]
 
 
 def test_param_counts_match_spec():

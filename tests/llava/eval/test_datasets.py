@@ -10,7 +10,6 @@ from llava.eval.datasets import (
     DATASET_SPECS,
     EvalItem,
     check_image,
-    load_chartqa_json,
     load_dataset,
     load_json_list,
 )

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-
 FAST = ("--gen-length", "8", "--steps", "4")
 STAGES = {"preprocess", "vision", "projector", "prefill", "steps"}
 
@@ -37,7 +36,7 @@ def png_header_only(w, h):
 
 
 def visual_tokens(out):
-    line = next(l for l in out.splitlines() if l.startswith("visual tokens:"))
+    line = next(x for x in out.splitlines() if x.startswith("visual tokens:"))
     return int(line.split()[2])
 
 
@@ -51,7 +50,8 @@ def test_lavida_counts_for_square_hd_image(cli, tmp_path, method, count):
     assert "image 768x768" in out and "4 diffusion steps" in out
 
 
-@pytest.mark.parametrize("method, count, selection", [("pool", 1008, False), ("shirg", 980, True), ("stride", 980, True)])
+@pytest.mark.parametrize("method, count, selection",
+                         [("pool", 1008, False), ("shirg", 980, True), ("stride", 980, True)])
 def test_json_report(cli, tmp_path, method, count, selection):
     img = noise(tmp_path / "sq.png", 768, 768)
     code, out, _ = cli("--image", img, "--prune_method", method, "--json", *FAST)
@@ -105,9 +105,11 @@ BAD = {
     "truncated png": (lambda t: ["--image", _write("t.png", _truncated)(t)], "cannot decode"),
     "10x10 image": (lambda t: ["--image", noise(t / "s.png", 10, 10)], "at least 14"),
     "header-only bomb": (lambda t: ["--image", _write("bomb.png", png_header_only(40000, 40000))(t)], "megapixel"),
-    "empty question for pool": (lambda t: ["--image", _img(t), "--question", "  ", "--prune_method", "pool"], "question is empty"),
+    "empty question for pool": (lambda t: ["--image", _img(t), "--question", "  ", "--prune_method", "pool"],
+                                "question is empty"),
     "unknown method": (lambda t: ["--image", _img(t), "--prune_method", "magic"], "unknown --prune_method 'magic'"),
-    "gen not divisible by block": (lambda t: ["--image", _img(t), "--gen-length", "10", "--block-length", "4"], "not divisible"),
+    "gen not divisible by block": (lambda t: ["--image", _img(t), "--gen-length", "10", "--block-length", "4"],
+                                   "not divisible"),
     "block length 0": (lambda t: ["--image", _img(t), "--gen-length", "8", "--block-length", "0"], "must be positive"),
     "keep ratio 0": (lambda t: ["--image", _img(t), "--prune_method", "shirg", "--keep_ratio", "0",
                                 "--save_heatmap", t / "h.png"], "keep ratio"),
@@ -117,12 +119,14 @@ BAD = {
                                   "--save_heatmap", t / "h.png"], "keep ratio"),
     "fovea nowhere": (lambda t: ["--image", _img(t), "--prune_method", "shirg", "--fovea", "nowhere",
                                  "--save_heatmap", t / "h.png"], "unknown --fovea 'nowhere'"),
-    "bad score mode": (lambda t: ["--image", _img(t), "--prune_method", "shirg", "--shirg_score", "best"], "--shirg_score"),
+    "bad score mode": (lambda t: ["--image", _img(t), "--prune_method", "shirg", "--shirg_score", "best"],
+                       "--shirg_score"),
     "heatmap bad suffix": (lambda t: ["--image", _img(t), "--prune_method", "shirg", "--save_heatmap", t / "h.xyz"],
                            "not supported"),
     "budget 0": (lambda t: ["--image", _img(t), "--prune_method", "random", "--budget", "0"], "at least 1"),
     "budget 99999": (lambda t: ["--image", _img(t), "--prune_method", "random", "--budget", "99999"], "--budget 99999"),
-    "budget with pool": (lambda t: ["--image", _img(t), "--prune_method", "pool", "--budget", "500"], "--budget only applies"),
+    "budget with pool": (lambda t: ["--image", _img(t), "--prune_method", "pool", "--budget", "500"],
+                         "--budget only applies"),
     "keep ratio with pool": (lambda t: ["--image", _img(t), "--prune_method", "pool", "--keep_ratio", "0.5"],
                              "--keep_ratio only applies"),
     "heatmap with pool": (lambda t: ["--image", _img(t), "--prune_method", "pool", "--save_heatmap", t / "h.png"],

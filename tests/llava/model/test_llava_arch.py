@@ -1,4 +1,4 @@
-"""The multimodal glue through the model: token counts (spec 4.5), newline placement, pooling switch,
+"""The multimodal glue through the model: token counts (upstream arithmetic), newline placement, pooling switch,
 prompt splicing, prompt tokenisation, end-to-end generation with the prefix cache."""
 import logging
 
@@ -15,6 +15,7 @@ from llava.mm_utils import process_anyres_image, tokenizer_image_token
 from llava.model.builder import small_model_config
 from llava.model.language_model.llava_llada import LlavaLLaDAConfig, LlavaLLaDAForCausalLM
 from llava.model.llava_arch import POOL_ENV, VisualTokens, resolve_pooling
+from shirg_patches import REGISTRY
 
 
 def noise_image(size, seed=0):
@@ -326,3 +327,21 @@ def test_generate_without_prefix_cache(small_model, e2e_prompt):
     assert out.generation.nfe == 4 and seen == [None] * 4  # no prefill pass
     assert out.generation.prefix_cache is None and out.generation.prefill_seconds == 0.0
     assert tuple(out.tokens.shape) == (1, 8) and not (out.tokens == tok.mask_token_id).any()
+
+
+# ---- training needs gradients through every method's selection ----------------------------------------------
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_backward_through_selection_reaches_projector_and_tower(small_model, method):
+    """A loss on the selected visual tokens back-propagates through the selection (indices carry no
+    gradient, the kept tokens do) into the projector and the SigLIP tower, for every method."""
+    tok, model = small_model
+    model.zero_grad(set_to_none=True)
+    q = tok("what colour is the square", add_special_tokens=False).input_ids
+    v = model.encode_image(noise_image((500, 400), seed=3), method, q, {"seed": 0})
+    target = torch.randn(v.tokens.shape, generator=torch.Generator().manual_seed(0))
+    F.mse_loss(v.tokens, target).backward()
+    for name in ("mm_projector.0.weight", "mm_projector.2.weight",
+                 "vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"):
+        grad = model.model.get_parameter(name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, (method, name)
+    model.zero_grad(set_to_none=True)

@@ -47,7 +47,7 @@ def test_so400m_config():
 
 @pytest.mark.shapes
 def test_so400m_tower_layout_on_meta():
-    """Spec §1.4 shapes for the real tower, built on the meta device (no memory, no init cost)."""
+    """Checkpoint shapes (upstream key names) of the real tower, built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
         tower = SigLipVisionTower(so400m_vision_config())
     shapes = {k: tuple(v.shape) for k, v in tower.state_dict().items()}

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from llava.constants import TOKEN_BUDGET
 from llava.conversation import build_prompt
 from llava.mm_utils import tokenizer_image_token
-from llava.constants import TOKEN_BUDGET
 from llava.model.llava_arch import build_prefill_hook
 from shirg_patches import REGISTRY
 from shirg_patches.baselines.topv import TopVOptions
@@ -109,7 +109,8 @@ def test_topv_prunes_only_later_layers_of_the_cache(small_model, image, budget):
     ids = tokenizer_image_token(build_prompt(QUESTION), tok)
     options = {"seed": 0} if budget is None else {"seed": 0, "budget": budget}
     budget = budget or TOKEN_BUDGET
-    out = model.generate(ids, [image], prune_method="topv", question_ids=tok(QUESTION, add_special_tokens=False).input_ids,
+    q = tok(QUESTION, add_special_tokens=False).input_ids
+    out = model.generate(ids, [image], prune_method="topv", question_ids=q,
                          prune_options=options, gen_length=4, block_length=4, steps=2)
     v = out.visual[0]
     prompt = out.prompt_length

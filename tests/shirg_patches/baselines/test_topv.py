@@ -57,3 +57,20 @@ def test_half_given_layer_states_is_an_error(make_ctx):
     with pytest.raises(InputError):
         selected(select_topv, ctx)
 
+
+
+def test_sinkhorn_plan_has_uniform_marginals(make_ctx):
+    """The entropic plan transports uniform marginals: the last half-step fits the columns
+    exactly, and the rows converge to 1/N as the iterations grow (the default 10 is close)."""
+    ctx = make_ctx(views=[(9, 9), (6, 12)], budget=40, d=16)
+    n = ctx.num_tokens
+    out = torch.randn(n, 16, generator=torch.Generator().manual_seed(5))
+    row_errors = []
+    for iters in (10, 50, 200):
+        scores, plan = topv_scores(ctx.features, out, ctx.positions(), iters=iters, view_sizes=[81, 72],
+                                   return_plan=True)
+        assert plan.shape == (n, n) and torch.all(plan >= 0)
+        assert torch.allclose(plan.sum(0) * n, torch.ones(n), atol=1e-5)
+        row_errors.append((plan.sum(1) * n - 1).abs().max().item())
+        assert torch.equal(scores, topv_scores(ctx.features, out, ctx.positions(), iters=iters, view_sizes=[81, 72]))
+    assert row_errors[0] < 0.2 and row_errors[0] > row_errors[1] > row_errors[2] and row_errors[2] < 2e-3

@@ -87,9 +87,12 @@ def test_schedule_errors(schedule, kwargs, msg):
 @pytest.mark.parametrize(
     "kwargs,expected",
     [(dict(gen_length=64, block_length=64), 64), (dict(gen_length=128, block_length=32), 32),
-     (dict(gen_length=64, block_length=64, step_ratio=0.5), 32), (dict(gen_length=32, block_length=32, step_ratio=0.5), 16),
-     (dict(gen_length=64, block_length=32, step_ratio=0.3), 9), (dict(gen_length=64, block_length=32, step_per_block=8), 8),
-     (dict(gen_length=64, block_length=32, step_per_block=100), 32), (dict(gen_length=128, block_length=32, steps=64), 16),
+     (dict(gen_length=64, block_length=64, step_ratio=0.5), 32),
+     (dict(gen_length=32, block_length=32, step_ratio=0.5), 16),
+     (dict(gen_length=64, block_length=32, step_ratio=0.3), 9),
+     (dict(gen_length=64, block_length=32, step_per_block=8), 8),
+     (dict(gen_length=64, block_length=32, step_per_block=100), 32),
+     (dict(gen_length=128, block_length=32, steps=64), 16),
      (dict(gen_length=64, block_length=64, steps=64), 64)],
 )
 def test_steps_per_block(kwargs, expected):
@@ -200,7 +203,8 @@ def test_prune_hook_through_generate(model, prompt):
 
 @pytest.mark.parametrize(
     "kwargs,msg",
-    [(dict(remasking="top_p"), "low_confidence, random, entropy, margin"), (dict(schedule="quadratic"), "linear, shift"),
+    [(dict(remasking="top_p"), "low_confidence, random, entropy, margin"),
+     (dict(schedule="quadratic"), "linear, shift"),
      (dict(temperature=-1.0), "temperature"), (dict(prefix_cache=False, prune_hook=lambda *a: None), "prefix cache"),
      (dict(gen_length=6, block_length=4), "--gen-length 6 is not divisible by --block-length 4")],
 )

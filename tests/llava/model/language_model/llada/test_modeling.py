@@ -35,7 +35,8 @@ def reference_logits(model, x, visible=None):
     def rope(t):  # pairs (i, i + hd/2) as complex numbers, rotated by pos * theta^(-2i/hd)
         half = hd // 2
         freq = cfg.rope_theta ** (-2 * torch.arange(half, dtype=torch.float64) / hd)
-        rot = torch.polar(torch.ones(T, half, dtype=torch.float64), torch.arange(T, dtype=torch.float64)[:, None] * freq)
+        angles = torch.arange(T, dtype=torch.float64)[:, None] * freq
+        rot = torch.polar(torch.ones(T, half, dtype=torch.float64), angles)
         z = torch.complex(t[..., :half].double(), t[..., half:].double()) * rot
         return torch.cat([z.real, z.imag], -1).to(t.dtype)
 
