@@ -43,7 +43,7 @@ class VisionDims:
     mlp: int = 4304
     patch: int = 14
     channels: int = 3
-    positions: int = 729  # learned position table (27×27); larger views interpolate it
+    positions: int = SIGLIP_GRID * SIGLIP_GRID  # learned position table (27×27); larger views interpolate it
     score_bytes: int = 4  # eager fp32 softmax materialises the score matrix
 
     def tokens(self, side: int) -> int:
