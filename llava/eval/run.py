@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=str(DEFAULT_IMAGE), help="image file (default: bundled demo)")
     p.add_argument("--question", default=DEFAULT_QUESTION)
     p.add_argument("--model-path", default=SMALL_MODEL_NAME, help=f"local LaViDa folder or {SMALL_MODEL_NAME}")
+    p.add_argument("--model-base", "--model_base", default=None,
+                   help="base model when --model-path is a LoRA adapter folder (merged at load)")
     p.add_argument("--prune_method", "--prune-method", default="lavida", choices=None,
                    help=f"how visual tokens are produced: {', '.join(sorted(REGISTRY))} (default: lavida)")
     pool = p.add_mutually_exclusive_group()
@@ -145,7 +147,7 @@ def run(args) -> dict:
     timer = StageTimer(device)
     with timer("preprocess"):
         image = load_image(args.image)
-    tokenizer, model, _, _ = load_pretrained_model(args.model_path, device=device)
+    tokenizer, model, _, _ = load_pretrained_model(args.model_path, args.model_base, device=device)
     prompt = build_prompt(question)
     input_ids = tokenizer_image_token(prompt, tokenizer)
     question_ids = tokenizer(question, add_special_tokens=False).input_ids if question else None

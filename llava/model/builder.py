@@ -246,11 +246,19 @@ def load_pretrained_model(
 
     `model_path` may also be `builtin:lavida-small`. dtype defaults to fp32 on CPU (this CPU has
     no fast bf16) and bf16 on CUDA. `config_overrides` plays the role of upstream's
-    `vision_kwargs`. `model_base` (LoRA merge) is not supported yet. Peak host memory is about
-    one copy of the weights (in the target dtype; on CUDA, about one tensor).
+    `vision_kwargs`. With `model_base` (upstream's convention), `model_path` is a LoRA adapter
+    folder written by `llava.train.train` (PEFT's adapter files + `non_lora_trainables.safetensors`):
+    the base loads from `model_base`, the adapter is applied and merged into its weights, and the
+    tokenizer and config are the base's. Peak host memory is about one copy of the weights (in the
+    target dtype; on CUDA, about one tensor).
     """
     if model_base is not None:
-        raise ConfigError("model_base (LoRA base + delta) loading is not supported yet")
+        from llava.train.lora import load_lora_adapter  # needs peft; only adapter loading pulls it in
+
+        tokenizer, model, image_processor, context_len = load_pretrained_model(
+            model_base, None, model_name, device, torch_dtype, config_overrides)
+        model = load_lora_adapter(model, model_path, merge=True).eval()
+        return tokenizer, model, image_processor, context_len
     if "llada" not in model_name:
         raise ConfigError(f"model_name {model_name!r}: only the LaViDa-LLaDA path (llava_llada) is implemented")
     device = torch.device(device)

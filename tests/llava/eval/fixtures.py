@@ -182,3 +182,20 @@ def write_parquet_root(root: str | Path) -> Path:
         (root / sub).mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows), root / sub / name)
     return root
+
+
+def main(argv=None) -> int:
+    """`python -m tests.llava.eval.fixtures OUT [--parquet]`: write the fixture data root(s) under OUT."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tests.llava.eval.fixtures", description=main.__doc__)
+    p.add_argument("out", help="folder to write (chartqa/, docvqa/, vqav2/, entitygrid/)")
+    p.add_argument("--parquet", action="store_true", help="write the lmms-eval-style parquet files instead")
+    args = p.parse_args(argv)
+    root = write_parquet_root(args.out) if args.parquet else write_fixture_root(args.out)
+    print(f"wrote fixture data root {root} ({', '.join(f'{k} {v}' for k, v in FIXTURE_SIZES.items())} items)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -181,6 +181,7 @@ def generate(
     generator: Optional[torch.Generator] = None,
     prune_hook: Optional[PruneHook] = None,
     on_step: Optional[Callable[[int, torch.Tensor, Optional[PrefixCache]], None]] = None,
+    prompt_lengths: Optional[Sequence[int]] = None,
 ) -> GenerationOutput:
     """Generate `gen_length` tokens after `prompt_embeds` [B, P, D].
 
@@ -189,6 +190,13 @@ def generate(
     [prompt; response] sequence, the prompt also seeing the response. Steps whose block has no masks left
     are skipped and not counted. `on_step(step_index, tokens, cache)` is called after every executed step
     with the live [B, L] canvas (clone it to keep it). A `generator` must live on the prompt's device.
+
+    `prompt_lengths` (one per row) marks a right-padded batch of prompts of different lengths (see
+    `generate_batch`). Every row is sampled exactly as alone: its answer sits right after its own prompt,
+    it sees only its real prompt tokens, and its unmask counts come from its own masks (per row, as
+    always). A step runs while any row of the block still has masks; rows already done commit nothing,
+    so at temperature 0 each row's answer equals its batch-1 answer (with temperature > 0 the random
+    draws are shared by the batch, so samples differ from batch-1 ones).
     """
     S = steps_per_block(gen_length, block_length, steps, step_per_block, step_ratio)
     schedule_kwargs = _check_schedule(schedule, schedule_kwargs)
@@ -203,11 +211,21 @@ def generate(
     B, P, _ = prompt_embeds.shape
     device = prompt_embeds.device
     tokens = torch.full((B, gen_length), mask_id, dtype=torch.long, device=device)
+    ragged = None
+    if prompt_lengths is not None:
+        if prune_hook is not None:
+            raise InputError("pruning inside the LM runs one prompt at a time; it cannot take a padded batch")
+        ragged = [int(n) for n in prompt_lengths]
+        if len(ragged) != B or any(not 1 <= n <= P for n in ragged):
+            raise InputError(f"prompt_lengths {ragged} must give one length in [1, {P}] per prompt of the batch")
+        if all(n == P for n in ragged):
+            ragged = None  # nothing padded: the plain batched path
 
     cache, nfe, prefill_seconds, step_seconds = None, 0, 0.0, []
     if prefix_cache:
         t0 = synced_now(device)
-        cache = model.prefill(prompt_embeds, prune_hook)
+        cache = model.prefill(prompt_embeds, prune_hook) if ragged is None else model.prefill(
+            prompt_embeds, lengths=ragged)
         prefill_seconds = synced_now(device) - t0
         nfe += 1
 
@@ -223,8 +241,10 @@ def generate(
             response = model.embed_tokens(tokens)
             if cache is not None:
                 logits = model(response, prefix_cache=cache)
-            else:
+            elif ragged is None:
                 logits = model(torch.cat([prompt_embeds, response], dim=1))[:, P:]
+            else:
+                logits = _uncached_ragged_logits(model, prompt_embeds, response, ragged)
             # slots outside the current block are never committed, so only its logits matter
             block_logits = logits[:, start:end]
             x0 = sample_tokens(block_logits, temperature, generator)
@@ -241,3 +261,39 @@ def generate(
                 on_step(len(step_seconds) - 1, tokens, cache)
 
     return GenerationOutput(tokens, nfe, prefill_seconds, step_seconds, cache)
+
+
+def _uncached_ragged_logits(model, prompt_embeds, response, lengths) -> torch.Tensor:
+    """Full recompute for a right-padded batch: row b is [prompt_b; response_b; padding], so each real token
+    has its batch-1 slot and position; returns the response logits [B, L, V]."""
+    B, P, D = prompt_embeds.shape
+    L = response.shape[1]
+    full = torch.cat([prompt_embeds, prompt_embeds.new_zeros(B, L, D)], dim=1)
+    for b, n in enumerate(lengths):
+        full[b, n : n + L] = response[b]
+    logits = model(full, lengths=[n + L for n in lengths])
+    return torch.stack([logits[b, n : n + L] for b, n in enumerate(lengths)])
+
+
+def pad_prompts(prompts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Prompt embeddings of different lengths ([P_b, D] or [1, P_b, D] each) -> right-padded [B, P_max, D]
+    (zeros in the padding) and the real lengths."""
+    if not prompts:
+        raise InputError("generate_batch needs at least one prompt")
+    rows = [p.reshape(-1, p.shape[-1]) for p in prompts]
+    lengths = [r.shape[0] for r in rows]
+    out = rows[0].new_zeros(len(rows), max(lengths), rows[0].shape[-1])
+    for b, r in enumerate(rows):
+        out[b, : lengths[b]] = r
+    return out, lengths
+
+
+@torch.no_grad()
+def generate_batch(model: LLaDAModel, prompts: Sequence[torch.Tensor], **kwargs) -> GenerationOutput:
+    """`generate` for B prompts of possibly different lengths: right-pads them (`pad_prompts`) and samples all
+    rows together. The layout keeps every real token at its batch-1 slot and RoPE position and the LM attends
+    per sample to real keys only, so at temperature 0 row b's tokens equal `generate` on prompt b alone
+    (checked bit for bit on CPU by the tests). Same keyword arguments as `generate` except `prune_hook`
+    (in-LM pruning runs one prompt at a time)."""
+    embeds, lengths = pad_prompts(prompts)
+    return generate(model, embeds, prompt_lengths=lengths, **kwargs)

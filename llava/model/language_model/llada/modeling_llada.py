@@ -4,6 +4,16 @@ Parameter names follow the checkpoint (`transformer.wte`, `transformer.blocks.N.
 state dict loads without renaming. Besides the plain forward there is a prompt-only `prefill` that
 returns a `PrefixCache`: the diffusion sampler re-runs only the response slots every step while the
 prompt's keys/values stay fixed ("Prefix-DLM"), optionally after pruning prompt tokens inside the LM.
+
+Ragged batches (prompts of different lengths, `lengths=`): prompts are RIGHT-padded to the longest,
+so every real token keeps the slot and RoPE position it has when run alone (prompt 0..P_b-1, answer
+P_b..P_b+L-1, per sample). Linears and norms run on the whole padded batch (row-independent: the
+part whose weight reads batching amortises); attention runs per sample on exactly its own real keys
+(no padding keys at all), i.e. with the shapes of its batch-1 run. A boolean key mask over padded
+keys was measured to change SDPA's output by ~1e-7 (the softmax reduction sees a different key
+count), which can flip a near-tie greedy choice; per-sample attention keeps every sample
+bit-identical to its batch-1 run on CPU. Padded query rows produce zeros and are never read. When
+every prompt has the same length there is no padding and attention runs batched.
 """
 from __future__ import annotations
 
@@ -40,9 +50,12 @@ class PrefixCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     prefix_length: int
+    # ragged batch: real prompt length of each sample (slots past it are padding); None = all fill prefix_length
+    lengths: Optional[list[int]] = None
 
     def clone(self) -> "PrefixCache":
-        return PrefixCache([k.clone() for k in self.keys], [v.clone() for v in self.values], self.prefix_length)
+        return PrefixCache([k.clone() for k in self.keys], [v.clone() for v in self.values], self.prefix_length,
+                           None if self.lengths is None else list(self.lengths))
 
     def layer_lengths(self) -> list[int]:
         return [k.shape[2] for k in self.keys]
@@ -79,6 +92,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     a, b = x32.chunk(2, dim=-1)
     rotated = torch.cat([-b, a], dim=-1)
     return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+def rope_tables_from(
+    starts: list[int], length: int, head_dim: int, theta: float, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample cos/sin [B, 1, T, head_dim] for positions starts[b] .. starts[b]+T-1, each row built by the
+    very call a batch-1 run makes (`rope_tables(arange(start, start + T))`), so the values are identical."""
+    tables = [rope_tables(torch.arange(s, s + length, device=device), head_dim, theta) for s in starts]
+    return torch.stack([c for c, _ in tables]).unsqueeze(1), torch.stack([s for _, s in tables]).unsqueeze(1)
+
+
+def ragged_lengths(lengths, batch: int, length: int) -> Optional[list[int]]:
+    """Validated per-sample real lengths of a right-padded batch, or None when nothing is padded."""
+    if lengths is None:
+        return None
+    lengths = [int(n) for n in lengths]
+    if len(lengths) != batch or any(not 1 <= n <= length for n in lengths):
+        raise InputError(f"lengths {lengths} must give one value in [1, {length}] per sample of a batch of {batch}")
+    return None if all(n == length for n in lengths) else lengths
+
+
+def ragged_attention(q, k, v, past_kv=None, lengths=None, past_lengths=None) -> torch.Tensor:
+    """Attention of a right-padded batch, one sample at a time on exactly its real tokens.
+
+    Sample b's first lengths[b] queries (all T when None) attend to its first past_lengths[b] cached keys
+    (all when None) followed by its first lengths[b] new keys: the same tensors, in the same order, as
+    its batch-1 run. Padded query rows get zeros."""
+    B, H, T, hd = q.shape
+    y = q.new_zeros(B, H, T, hd)
+    for b in range(B):
+        n = T if lengths is None else lengths[b]
+        kb, vb = k[b : b + 1, :, :n], v[b : b + 1, :, :n]
+        if past_kv is not None:
+            p = past_kv[0].shape[2] if past_lengths is None else past_lengths[b]
+            kb = torch.cat([past_kv[0][b : b + 1, :, :p], kb], dim=2)
+            vb = torch.cat([past_kv[1][b : b + 1, :, :p], vb], dim=2)
+        y[b : b + 1, :, :n] = attention(q[b : b + 1, :, :n], kb, vb)
+    return y
 
 
 def use_flash_attn(q: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> bool:
@@ -124,19 +175,25 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)
 
-    def forward(self, x, cos, sin, past_kv=None, attn_mask=None):
+    def forward(self, x, cos, sin, past_kv=None, attn_mask=None, lengths=None, past_lengths=None):
         """x [B, T, D] -> (y [B, T, D], (k, v) of these T tokens post-RoPE). `past_kv` is prepended to the
-        keys/values so the T tokens also attend to cached prompt tokens."""
+        keys/values so the T tokens also attend to cached prompt tokens. `lengths` / `past_lengths` describe a
+        right-padded ragged batch (see `ragged_attention`); cos/sin are then [T, hd] or per sample [B, 1, T, hd]."""
         B, T, D = x.shape
         n1 = self.attn_norm(x)
         q = self.q_proj(n1).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(n1).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(n1).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all, v_all = k, v
-        if past_kv is not None:
-            k_all, v_all = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
-        y = attention(q, k_all, v_all, attn_mask)
+        if lengths is not None or past_lengths is not None:
+            if attn_mask is not None:
+                raise InputError("give either attention_mask or ragged lengths, not both")
+            y = ragged_attention(q, k, v, past_kv, lengths, past_lengths)
+        else:
+            k_all, v_all = k, v
+            if past_kv is not None:
+                k_all, v_all = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+            y = attention(q, k_all, v_all, attn_mask)
         h = x + self.attn_out(y.transpose(1, 2).reshape(B, T, D))
         n2 = self.ff_norm(h)
         return h + self.ff_out(F.silu(self.ff_proj(n2)) * self.up_proj(n2)), (k, v)
@@ -174,23 +231,30 @@ class LLaDAModel(nn.Module):
         head = self.transformer.wte if self.config.weight_tying else self.transformer.ff_out
         return F.linear(self.transformer.ln_f(hidden), head.weight)
 
-    def _block(self, block, x, cos, sin, past_kv=None, attn_mask=None):
+    def _block(self, block, x, cos, sin, past_kv=None, attn_mask=None, lengths=None, past_lengths=None):
         if self.gradient_checkpointing and self.training:
-            return checkpoint(block, x, cos, sin, past_kv, attn_mask, use_reentrant=False)
-        return block(x, cos, sin, past_kv, attn_mask)
+            return checkpoint(block, x, cos, sin, past_kv, attn_mask, lengths, past_lengths, use_reentrant=False)
+        return block(x, cos, sin, past_kv, attn_mask, lengths, past_lengths)
 
     def forward(
         self,
         inputs_embeds: torch.Tensor,
         prefix_cache: Optional[PrefixCache] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        lengths: Optional[list[int]] = None,
     ) -> torch.Tensor:
         """inputs_embeds [B, T, D] -> logits [B, T, embedding_size].
 
         With `prefix_cache` the T tokens sit at positions P..P+T-1 and attend to [cached prompt; themselves];
         the prompt itself is not recomputed. `attention_mask` (bool, True = may attend) has shape
         [B or 1, 1, T, T_total] with T_total = cached length + T, so it needs equal cache lengths per layer.
+
+        Ragged batches: a cache from `prefill(..., lengths=)` puts sample b's T tokens at positions
+        lengths[b].. and lets them see only its real prompt keys; without a cache, `lengths[b]` says how many
+        leading tokens of sample b are real (right padding; logits of padded slots are meaningless).
         """
+        if lengths is not None or (prefix_cache is not None and prefix_cache.lengths is not None):
+            return self._forward_ragged(inputs_embeds, prefix_cache, attention_mask, lengths)
         B, T, _ = inputs_embeds.shape
         start = prefix_cache.prefix_length if prefix_cache is not None else 0
         cached = prefix_cache.layer_lengths() if prefix_cache is not None else [0] * self.config.n_layers
@@ -207,20 +271,52 @@ class LLaDAModel(nn.Module):
             x, _ = self._block(block, x, cos, sin, past_kv, attention_mask)
         return self.lm_logits(x)
 
-    def prefill(self, inputs_embeds: torch.Tensor, prune_hook: Optional[PruneHook] = None) -> PrefixCache:
+    def _forward_ragged(self, inputs_embeds, prefix_cache, attention_mask, lengths) -> torch.Tensor:
+        B, T, _ = inputs_embeds.shape
+        if attention_mask is not None:
+            raise InputError("give either attention_mask or ragged lengths, not both")
+        if prefix_cache is not None:
+            if lengths is not None:
+                raise InputError("a ragged prefix cache carries its own lengths; do not pass lengths too")
+            if len(set(prefix_cache.layer_lengths())) != 1:
+                raise InputError("ragged batches do not support in-LM pruning (unequal cached lengths per layer)")
+            past_lengths = prefix_cache.lengths
+            cos, sin = rope_tables_from(past_lengths, T, self.config.head_dim, self.config.rope_theta,
+                                        inputs_embeds.device)
+        else:
+            past_lengths = None
+            lengths = ragged_lengths(lengths, B, T)
+            positions = torch.arange(T, device=inputs_embeds.device)
+            cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+        x = inputs_embeds
+        for i, block in enumerate(self.transformer.blocks):
+            past_kv = (prefix_cache.keys[i], prefix_cache.values[i]) if prefix_cache is not None else None
+            x, _ = self._block(block, x, cos, sin, past_kv, None, lengths, past_lengths)
+        return self.lm_logits(x)
+
+    def prefill(
+        self, inputs_embeds: torch.Tensor, prune_hook: Optional[PruneHook] = None, lengths: Optional[list[int]] = None
+    ) -> PrefixCache:
         """Prompt-only bidirectional pass that keeps every layer's K/V and computes no logits.
 
         After each block, `prune_hook(layer_idx, hidden_in, hidden_out, positions)` may return indices into
         the current token axis (shared by the batch); later layers then see only those tokens, at their
         original RoPE positions. Layers up to and including `layer_idx` keep the full K/V.
+
+        `lengths`: real prompt length of each sample of a right-padded batch (see the module doc); the cache
+        records them so steps place each sample's answer right after its own prompt. Not combinable with
+        `prune_hook` (in-LM pruning runs one prompt at a time).
         """
         B, P, _ = inputs_embeds.shape
+        lengths = ragged_lengths(lengths, B, P)
+        if lengths is not None and prune_hook is not None:
+            raise InputError("in-LM pruning (prune_hook) runs one prompt at a time, not on a ragged batch")
         positions = torch.arange(P, device=inputs_embeds.device)
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         keys, values = [], []
         x = inputs_embeds
         for i, block in enumerate(self.transformer.blocks):
-            out, (k, v) = self._block(block, x, cos, sin)
+            out, (k, v) = self._block(block, x, cos, sin, lengths=lengths)
             keys.append(k)
             values.append(v)
             keep = prune_hook(i, x, out, positions) if prune_hook is not None else None
@@ -228,7 +324,7 @@ class LLaDAModel(nn.Module):
                 keep = _check_keep(keep, out.shape[1]).to(out.device)
                 out, positions, cos, sin = out[:, keep], positions[keep], cos[keep], sin[keep]
             x = out
-        return PrefixCache(keys, values, prefix_length=P)
+        return PrefixCache(keys, values, prefix_length=P, lengths=lengths)
 
 
 def _check_keep(keep: torch.Tensor, length: int) -> torch.Tensor:
