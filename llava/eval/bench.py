@@ -203,10 +203,11 @@ def load_child(folder: str) -> None:
     import json
     import resource
 
+    from llava.constants import SIGLIP_IMAGE_SIZE
     from llava.model.builder import load_pretrained_model, load_tokenizer, siglip_image_processor
 
     load_tokenizer(folder)  # import and warm up everything but the weights
-    siglip_image_processor(384)
+    siglip_image_processor(SIGLIP_IMAGE_SIZE)
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     baseline = _rss_bytes("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     start = time.perf_counter()

@@ -30,7 +30,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from llava.constants import POOLED_GRID, SIGLIP_GRID, SIGLIP_PATCH_SIZE, TOKEN_BUDGET
+from llava.constants import LLADA_EMBEDDING_SIZE, POOLED_GRID, SIGLIP_GRID, SIGLIP_PATCH_SIZE, TOKEN_BUDGET
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class VisionDims:
     layers: int = 26
     heads: int = 16
     mlp: int = 4304
-    patch: int = 14
+    patch: int = SIGLIP_PATCH_SIZE
     channels: int = 3
     positions: int = SIGLIP_GRID * SIGLIP_GRID  # learned position table (27×27); larger views interpolate it
     score_bytes: int = 4  # eager fp32 softmax materialises the score matrix
@@ -85,7 +85,7 @@ class LMDims:
     heads: int = 32
     kv_heads: int = 32
     mlp: int = 12288
-    vocab: int = 126464
+    vocab: int = LLADA_EMBEDDING_SIZE
     tied_head: bool = False
 
     @property

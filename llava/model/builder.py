@@ -18,7 +18,15 @@ from typing import Optional
 
 import torch
 
-from llava.constants import SPECIAL_TOKENS, SYSTEM_PROMPT
+from llava.constants import (
+    DEFAULT_GRID_PINPOINTS,
+    SIGLIP_IMAGE_SIZE,
+    SIGLIP_MEAN,
+    SIGLIP_PATCH_SIZE,
+    SIGLIP_STD,
+    SPECIAL_TOKENS,
+    SYSTEM_PROMPT,
+)
 from llava.errors import CheckpointError, ConfigError, InputError
 from llava.model.language_model.llava_llada import LlavaLLaDAConfig, LlavaLLaDAForCausalLM
 from llava.utils import atomic_dir, logger
@@ -288,7 +296,8 @@ def siglip_image_processor(size: int):
     except ImportError:
         from transformers import SiglipImageProcessor
 
-    return SiglipImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return SiglipImageProcessor(size={"height": size, "width": size},
+                                image_mean=list(SIGLIP_MEAN), image_std=list(SIGLIP_STD))
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -418,14 +427,14 @@ def small_model_config(tokenizer) -> dict:
         # multimodal keys (upstream names)
         "mm_vision_tower": SMALL_MODEL_NAME, "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 64,
         "mm_patch_merge_type": "spatial_unpad", "image_aspect_ratio": "anyres",
-        "image_grid_pinpoints": [[384, 768], [768, 384], [768, 768], [1152, 384], [384, 1152]],
+        "image_grid_pinpoints": [list(p) for p in DEFAULT_GRID_PINPOINTS],
         "mm_spatial_pool_mode": "bilinear", "tokenizer_model_max_length": 8192,
         # not an upstream checkpoint, so no numerics to match: the faster kernel (eager is tested too)
         "mm_vision_attn_implementation": "sdpa",
         "vision_config": {
             "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 256,
-            "patch_size": 14, "image_size": 384, "num_channels": 3, "hidden_act": "gelu_pytorch_tanh",
-            "layer_norm_eps": 1e-6,
+            "patch_size": SIGLIP_PATCH_SIZE, "image_size": SIGLIP_IMAGE_SIZE, "num_channels": 3,
+            "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
         },
     }
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from llava.constants import DEFAULT_GRID_PINPOINTS, IMAGE_TOKEN_INDEX
+from llava.constants import DEFAULT_GRID_PINPOINTS, IMAGE_TOKEN_INDEX, SIGLIP_MEAN
 from llava.errors import ConfigError, InputError
 from llava.mm_utils import get_anyres_image_grid_shape, image_to_tensor, process_anyres_image, unpad_bounds
 from llava.utils import NullTimer, StageTimer, logger
@@ -213,7 +213,7 @@ class LlavaMetaForCausalLM:
         with timer("preprocess"):
             if self.mm_config.image_aspect_ratio == "pad":
                 side = max(image.size)
-                canvas = Image.new("RGB", (side, side), (127, 127, 127))  # SigLIP mean 0.5
+                canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in SIGLIP_MEAN))  # upstream: (127,)*3
                 canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
                 image = canvas
             pixels = image_to_tensor(image, self.model.vision_tower.image_size).unsqueeze(0)

@@ -370,7 +370,7 @@ def lavida_8b_config() -> dict:
 
     return {
         "d_model": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 32, "mlp_hidden_size": 12288,
-        "vocab_size": 126464, "embedding_size": LLADA_EMBEDDING_SIZE, "rope_theta": 500000.0,
+        "vocab_size": LLADA_EMBEDDING_SIZE, "embedding_size": LLADA_EMBEDDING_SIZE, "rope_theta": 500000.0,
         "mask_token_id": MASK_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID, "pad_token_id": EOS_TOKEN_ID,
         "mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_hidden_size": 1152,
         "mm_projector_type": "mlp2x_gelu", "mm_patch_merge_type": "spatial_unpad", "image_aspect_ratio": "anyres",

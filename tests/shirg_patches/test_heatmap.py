@@ -2,6 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
+from llava.constants import FOVEA_TOKENS, SHIRG_KEPT
 from llava.errors import InputError
 from shirg_patches.heatmap import save_heatmap
 
@@ -12,8 +13,8 @@ def _image(size=(640, 480)):
 
 def test_writes_png_and_creates_parent_dirs(tmp_path):
     path = tmp_path / "a" / "b" / "heat.png"
-    kept = torch.sort(torch.randperm(1024, generator=torch.Generator().manual_seed(0))[:724]).values
-    out = save_heatmap(path, _image(), (96, 16, 544, 464), kept, scores=torch.rand(1024), title="demo")
+    kept = torch.sort(torch.randperm(FOVEA_TOKENS, generator=torch.Generator().manual_seed(0))[:SHIRG_KEPT]).values
+    out = save_heatmap(path, _image(), (96, 16, 544, 464), kept, scores=torch.rand(FOVEA_TOKENS), title="demo")
     assert out == path
     with Image.open(path) as im:
         assert im.format == "PNG" and im.width > 0

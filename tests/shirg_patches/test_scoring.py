@@ -2,6 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llava.constants import (
+    SCORE_V1_ATTN,
+    SCORE_V1_SIM,
+    SCORE_V2_ATTN,
+    SCORE_V2_DIVERSITY,
+    SCORE_V2_SIM,
+    SCORE_V2_TEMPERATURE,
+)
 from llava.errors import InputError
 from shirg_patches.ops import top_k_indices
 from shirg_patches.scoring import (
@@ -36,7 +44,7 @@ def test_v1_formula_exact():
     assert torch.allclose(similarity_score(feats, q), s)
     out = score_tokens(feats, attn, q, mode="v1")
     assert out.note is None
-    assert torch.allclose(out.scores, 0.7 * a + 0.3 * s)
+    assert torch.allclose(out.scores, SCORE_V1_ATTN * a + SCORE_V1_SIM * s)
 
 
 def test_similarity_is_minmax_rescaled_per_image():
@@ -49,11 +57,11 @@ def test_similarity_is_minmax_rescaled_per_image():
 def test_v2_formula_and_softmax_keeps_top_k():
     feats, attn, q = _inputs()
     k = 20
-    out = score_tokens(feats, attn, q, mode="v2", k=k, temperature=0.15)
-    first = 0.5 * attention_score(attn) + 0.3 * similarity_score(feats, q)
+    out = score_tokens(feats, attn, q, mode="v2", k=k, temperature=SCORE_V2_TEMPERATURE)
+    first = SCORE_V2_ATTN * attention_score(attn) + SCORE_V2_SIM * similarity_score(feats, q)
     d = F.cosine_similarity(feats, feats[top_k_indices(first, k)].mean(0)[None], dim=-1)
-    raw = first - 0.1 * d
-    assert torch.allclose(out.scores, torch.softmax(raw / 0.15, dim=0))
+    raw = first - SCORE_V2_DIVERSITY * d
+    assert torch.allclose(out.scores, torch.softmax(raw / SCORE_V2_TEMPERATURE, dim=0))
     assert torch.allclose(out.scores.sum(), torch.tensor(1.0))
     for kk in (1, 10, 20, 40):
         assert torch.equal(top_k_indices(out.scores, kk), top_k_indices(raw, kk))

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llava.constants import DEFAULT_KEEP_RATIO, FOVEA_TOKENS, SHIRG_GLOBAL_TOKENS
+from llava.constants import DEFAULT_KEEP_RATIO, FOVEA_TOKENS, SHIRG_GLOBAL_TOKENS, SHIRG_KEPT
 from llava.errors import InputError
 from shirg_patches.context import PruneContext
 from shirg_patches.scoring import NO_QUESTION_NOTE
@@ -17,7 +17,7 @@ from shirg_patches.shirg import (
 )
 
 
-def _ctx(budget=724, attn=None, q=None, seed=0, **options):
+def _ctx(budget=SHIRG_KEPT, attn=None, q=None, seed=0, **options):
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(FOVEA_TOKENS, 16, generator=g)
     return PruneContext(
@@ -47,13 +47,13 @@ def test_keep_count_errors(ratio):
 
 @pytest.mark.parametrize("mode", ["attn", "sim", "v1", "v2", "random"])
 def test_select_exact_budget_sorted(mode):
-    ctx = _ctx(budget=724, q=torch.randn(16), score=mode)
+    ctx = _ctx(budget=SHIRG_KEPT, q=torch.randn(16), score=mode)
     sel = select_shirg(ctx)
     idx = sel.indices
     assert idx.numel() == 724 and torch.equal(idx, torch.sort(idx).values)
     assert torch.unique(idx).numel() == 724
     assert sel.info["scores"].shape == (FOVEA_TOKENS,)
-    assert torch.equal(select_shirg(_ctx(budget=724, q=ctx.question_embedding, score=mode)).indices, idx)
+    assert torch.equal(select_shirg(_ctx(budget=SHIRG_KEPT, q=ctx.question_embedding, score=mode)).indices, idx)
 
 
 def test_select_ties_take_lowest_indices_and_report_note():
