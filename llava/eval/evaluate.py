@@ -22,7 +22,7 @@ equal batch 1 (greedy), so B only changes speed.
 Efficiency. Per system and data set, on the data set's FIRST usable item (file order), batch 1:
 `--latency-warmup` untimed runs (default 3), then `--latency-runs` timed runs (default 50) at
 `--latency-gen-length` answer slots (default 32) decoded in one block with `--latency-steps`
-diffusion steps (default 30, the design's setting), with the run's prefix-cache setting.
+diffusion steps (default 30), with the run's prefix-cache setting.
 Reported: the median over runs of each stage (vision = SigLIP + projector; selection = pooling
 / merge or scoring + selection; prefill; steps) and of the total (those + prompt embedding;
 image file decoding and any-res preprocessing excluded, as LaViDa's `predict.py` timing does).

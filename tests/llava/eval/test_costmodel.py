@@ -1,4 +1,5 @@
-"""The cost model's formulas, hand-checked on tiny dims, and its real-scale anchors from the spec."""
+"""The cost model's formulas, hand-checked on tiny dims, and its real-scale anchors (LaViDa-8B parameter counts
+and checkpoint size, the token counts of a square HD image)."""
 import csv
 import subprocess
 import sys

@@ -23,7 +23,7 @@ def prompt():
     return torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
 
 
-# spec section 3.5 reference vectors (torch float32), step 0 first
+# upstream's per-step transfer counts (its float32 arithmetic), step 0 first
 SCHEDULE_TABLE = [
     (64, 32, None, None, [2] * 32),
     (64, 32, "shift", None,

@@ -25,7 +25,7 @@ def make_model(seed=0, **overrides):
 
 
 def reference_logits(model, x, visible=None):
-    """Independent re-statement of the spec math: explicit softmax attention, complex-number RoPE."""
+    """Independent re-statement of LLaDA's math: explicit softmax attention, complex-number RoPE."""
     cfg = model.config
     T, hd, g = x.shape[1], cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
 
