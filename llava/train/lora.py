@@ -313,6 +313,7 @@ def load_lora_adapter(model: nn.Module, adapter: str | Path, merge: bool = True)
         raise CheckpointError(f"{folder / ADAPTER_CONFIG}: target module {absent[0]!r} does not exist in the base "
                               "model; was the adapter trained on a different base?")
     cfg.inference_mode = not merge
+    cfg.base_model_name_or_path = None  # informational only; peft would warn that our model has no hub name
     peft_model = get_peft_model(model, cfg)
     load_adapter_weights(model, folder)
     if merge:
