@@ -3,11 +3,15 @@
     python -m llava.eval.evaluate --systems pool,full,shirg,shirg:fovea=saliency \\
         --datasets chartqa,docvqa,vqav2,entitygrid --data-root DATA --out outputs/eval [--limit N]
 
-Systems. `--systems` is a comma list of registered prune methods, each optionally followed by
-`:option=value` pairs of that method's options dataclass (`shirg:keep_ratio=0.8`,
-`random:budget=300`) and/or `:adapter=PATH`, a LoRA adapter loaded with
-`load_pretrained_model(PATH, model_base=--model-path)`. The system's label in every output is
-the spec as written. An option the method does not take is an error naming the method.
+Systems. `--systems` is a comma list of `[LABEL=]METHOD[:OPTION=VALUE]...[@ADAPTER]`:
+- METHOD: a registered prune method (pool, full, shirg, random, ...);
+- `:OPTION=VALUE`: a field of that method's options dataclass (`shirg:fovea=saliency`, `shirg:keep_ratio=0.8`,
+  `random:budget=300`); an option of another method is an error naming the method;
+- `@ADAPTER`: a LoRA adapter folder, loaded with `load_pretrained_model(ADAPTER, model_base=--model-path)`
+  (everything after the first '@' is the path);
+- `LABEL=`: the system's name in every output (default: the spec without the adapter, plus
+  `@<adapter folder name>` when there is one), e.g. `shirg+lora=shirg@ckpt/lora-shirg`.
+Systems sharing an adapter share one loaded model.
 
 Generation. LaViDa's per-task settings: gen length from `DATASET_SPECS` (16 ChartQA / VQAv2 /
 EntityGrid, 32 DocVQA; `--gen-length` overrides all), block length min(128, gen length),
@@ -37,16 +41,18 @@ minus the memory in use just before the runs (the working memory of one answer).
 
 Outputs in `--out`:
 - `predictions.jsonl`: one line per system x item: system, method, options, adapter, dataset, id,
-  question, answers, prediction, scores (each metric in [0, 1]), lm_visual_tokens, prompt_tokens,
-  stage_ms (per-stage ms; in a batch, prefill and steps are the batch's time / B), batch_size,
-  meta. Items that cannot run get a line with `skipped` (missing_image / bad_image /
+  question, answers, prediction, answer_ids (the generated token ids), scores (each metric in [0, 1]),
+  lm_visual_tokens, prompt_tokens, stage_ms (per-stage ms; in a batch, prefill and steps are the
+  batch's time / B), batch_size, meta. Items that cannot run get a line with `skipped` (missing_image / bad_image /
   empty_question) and `error` instead of a prediction, so the file also records what was skipped.
 - `latency.jsonl`: one line per system x data set (the efficiency runs).
 - `results.csv`: system x data set x metric: value, bootstrap 95 % CI lo / hi, n (all x100), plus
   LM visual tokens (mean), median latency and its stages, peak memory and its kind, and the
-  missing / undecodable image counts. Rows `metric[group]` break the primary metric down
-  (ChartQA by split, VQAv2 by answer type, EntityGrid by question type).
-- `quality.png`, `latency.png`, `memory.png`.
+  missing / undecodable image counts. Rows with a `breakdown` (an item-meta key) and `bucket` break
+  the primary metric down, each bucket with its own CI: ChartQA by split, VQAv2 by answer type,
+  EntityGrid by `size_bucket` (native / mid / global), by `center_dist` (<0.33, 0.33-0.66, >=0.66) and
+  by `qtype` (see `BREAKDOWNS`; any data set whose items carry those keys gets them).
+- `quality.png`, `latency.png`, `memory.png`, and `report.md` (the markdown tables of `llava.eval.report`).
 
 Resuming. Lines are appended whole, flushed and fsync'ed. A run restarted with the same `--out`
 skips every (system, data set, id) already present (a partial last line left by a kill is
@@ -89,10 +95,29 @@ DEFAULT_OUT = "outputs/eval"
 PREDICTIONS = "predictions.jsonl"
 LATENCY = "latency.jsonl"
 RESULTS = "results.csv"
+REPORT = "report.md"
 RUN_FILE = "run.json"
 CHARTS = ("quality.png", "latency.png", "memory.png")
-# meta key whose values break a data set's primary metric down in results.csv
-GROUP_BY = {"chartqa": "split", "vqav2": "answer_type", "entitygrid": "qtype"}
+# Item-meta breakdowns of a data set's primary metric in results.csv (column `breakdown`, value `bucket`):
+# (meta key, buckets in report order or None for sorted values, value -> bucket). A breakdown appears for any
+# data set whose items carry the key; items whose value is None (e.g. EntityGrid count questions have no
+# single target, so no centre distance) are left out of it.
+DIST_EDGES = (0.33, 0.66)
+DIST_BUCKETS = (f"<{DIST_EDGES[0]:.2f}", f"{DIST_EDGES[0]:.2f}-{DIST_EDGES[1]:.2f}", f">={DIST_EDGES[1]:.2f}")
+
+
+def dist_bucket(d: float) -> str:
+    """EntityGrid `center_dist` (0 at the image centre, 1 in a corner) -> its bucket."""
+    return DIST_BUCKETS[sum(float(d) >= e for e in DIST_EDGES)]
+
+
+BREAKDOWNS: tuple[tuple[str, Optional[tuple[str, ...]], Any], ...] = (
+    ("split", ("human", "augmented"), str),              # ChartQA
+    ("answer_type", ("yes/no", "number", "other"), str),  # VQAv2
+    ("size_bucket", ("native", "mid", "global"), str),    # EntityGrid: target side in the 384² global view
+    ("center_dist", DIST_BUCKETS, dist_bucket),           # EntityGrid: target distance from the image centre
+    ("qtype", ("label", "colour", "shape", "count", "position"), str),  # EntityGrid
+)
 # settings that change answers: a resumed run must use the same ones
 ANSWER_SETTINGS = ("model_path", "gen_length", "block_length", "steps", "prefix_cache", "seed", "split")
 LATENCY_STAGES = ("vision", "selection", "prefill", "steps")
@@ -100,6 +125,9 @@ LATENCY_STAGES = ("vision", "selection", "prefill", "steps")
 
 # ================================================================================================
 # Systems
+
+
+LABEL_FORBIDDEN = set(",:=@")
 
 
 @dataclass(frozen=True)
@@ -117,36 +145,56 @@ class System:
 
 
 def parse_system(spec: str) -> System:
-    """`name[:option=value]...[:adapter=PATH]` -> System, options parsed and validated by the method's
-    options dataclass. A segment without `=` continues the previous value (paths may hold ':')."""
+    """`[LABEL=]METHOD[:OPTION=VALUE]...[@ADAPTER]` -> System.
+
+    METHOD is a registered prune method; each `:OPTION=VALUE` is one field of its options dataclass, parsed
+    and validated by it (an option of another method is an error naming the method); `@ADAPTER` (everything
+    after the first '@', so the path may hold ':' or '=') is a LoRA adapter folder loaded with
+    `load_pretrained_model(ADAPTER, model_base=--model-path)`. LABEL names the system in every output; by
+    default it is the spec without the adapter, plus `@<adapter folder name>` when there is one. A label
+    cannot hold any of `, : = @`."""
     from shirg_patches import get_method
 
-    spec = spec.strip()
-    if not spec:
+    text = spec.strip()
+    if not text:
         raise InputError("--systems has an empty entry")
-    name, *segments = spec.split(":")
-    method = get_method(name.strip())
-    pairs: list[list[str]] = []
+    body, adapter = (text.split("@", 1) + [None])[:2]
+    if adapter is not None:
+        adapter = adapter.strip()
+        if not adapter:
+            raise InputError(f"system {text!r}: '@' must be followed by an adapter folder")
+    label = None
+    head = body.split("=", 1)[0]
+    if "=" in body and ":" not in head:
+        label, body = head.strip(), body.split("=", 1)[1]
+        if not label or LABEL_FORBIDDEN & set(label):
+            raise InputError(f"system {text!r}: a label must be non-empty and cannot hold any of , : = @")
+    name, *segments = body.strip().split(":")
+    try:
+        method = get_method(name.strip())
+    except InputError:
+        from shirg_patches import REGISTRY
+
+        raise InputError(f"system {text!r}: unknown method {name.strip()!r}; choose one of: "
+                         f"{', '.join(sorted(REGISTRY))}") from None
+    raw: dict[str, str] = {}
     for seg in segments:
-        if "=" in seg:
-            key, value = seg.split("=", 1)
-            pairs.append([key.strip(), value])
-        elif pairs:
-            pairs[-1][1] += ":" + seg
-        else:
-            raise InputError(f"system {spec!r}: expected option=value after {name!r}, got {seg!r}")
-    raw, adapter = {}, None
-    for key, value in pairs:
-        if key == "adapter":
-            adapter = value
-        elif key in raw:
-            raise InputError(f"system {spec!r}: option {key!r} given twice")
-        else:
-            raw[key] = value
-    method.make_options(raw)  # raises InputError naming the method for a foreign or bad option
+        key, sep, value = seg.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"system {text!r}: expected OPTION=VALUE after ':', got {seg!r}")
+        if key in raw:
+            raise InputError(f"system {text!r}: option {key!r} given twice")
+        raw[key] = value.strip()
+    try:
+        method.make_options(raw)  # a foreign or bad option: an error naming the method
+    except InputError as e:
+        raise InputError(f"system {text!r}: {e}") from None
     specs = {s.name: s for s in method.options.specs()}
     options = {k: v if specs[k].type is str else specs[k].parse(v) for k, v in raw.items()}
-    return System(spec, method.name, options, adapter)
+    if label is None:
+        label = body.strip() + (f"@{Path(adapter).name}" if adapter else "")
+    return System(label, method.name, options, adapter)
 
 
 def parse_systems(text: str) -> list[System]:
@@ -156,7 +204,7 @@ def parse_systems(text: str) -> list[System]:
     labels = [s.label for s in systems]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
-        raise InputError(f"--systems lists {dupes[0]!r} twice")
+        raise InputError(f"--systems has two systems labelled {dupes[0]!r}; name one LABEL=METHOD...")
     return systems
 
 
@@ -577,6 +625,7 @@ class Evaluator:
                     "lm_visual_tokens": sum(v.lm_token_count for v in out.visual),
                     "prompt_tokens": out.prompt_length,
                     "nfe": out.generation.nfe,
+                    "answer_ids": out.tokens[0].tolist(),
                     "stage_ms": {k: round(v * 1e3, 3) for k, v in timer.seconds.items()},
                     "batch_size": len(batch),
                 }
@@ -653,13 +702,11 @@ def decode_answer(tokenizer, ids) -> str:
 # Report
 
 CSV_COLUMNS = (
-    "system", "method", "adapter", "dataset", "metric", "value", "ci_lo", "ci_hi", "n",
+    "system", "method", "adapter", "dataset", "metric", "breakdown", "bucket", "value", "ci_lo", "ci_hi", "n",
     "lm_visual_tokens_mean", "latency_ms_median", "vision_ms", "selection_ms", "prefill_ms", "steps_ms",
     "latency_runs", "latency_setting", "peak_mem_mb", "peak_mem_delta_mb", "mem_kind",
     "missing_images", "bad_images", "other_skipped",
 )
-QUALITY_COLUMNS = ("system", "method", "adapter", "dataset", "metric", "value", "ci_lo", "ci_hi", "n",
-                   "lm_visual_tokens_mean", "missing_images", "bad_images", "other_skipped")
 
 
 def _fmt(x: Optional[float], digits: int = 4) -> str:
@@ -709,19 +756,20 @@ def report_rows(predictions: Iterable[dict], latency: Iterable[dict], system_ord
             for metric in spec.columns:
                 values = [r["scores"][metric] for r in scored if metric in r["scores"]]
                 if values:
-                    metric_rows.append((metric, values))
-            group_key = GROUP_BY.get(dataset)
-            if group_key:
+                    metric_rows.append((metric, "", "", values))
+            for key, buckets, to_bucket in BREAKDOWNS:
                 by: dict[str, list[float]] = defaultdict(list)
                 for r in scored:
-                    g = (r.get("meta") or {}).get(group_key)
+                    g = (r.get("meta") or {}).get(key)
                     if g is not None and spec.primary in r["scores"]:
-                        by[str(g)].append(r["scores"][spec.primary])
-                metric_rows += [(f"{spec.primary}[{g}]", v) for g, v in sorted(by.items())]
-        for metric, values in metric_rows:
+                        by[to_bucket(g)].append(r["scores"][spec.primary])
+                rank = {b: i for i, b in enumerate(buckets or ())}
+                for g in sorted(by, key=lambda b: (rank.get(b, len(rank)), b)):
+                    metric_rows.append((spec.primary, key, g, by[g]))
+        for metric, key, bucket, values in metric_rows:
             mean, lo, hi = bootstrap_ci(values)
-            rows.append(common | {"metric": metric, "value": _fmt(100 * mean), "ci_lo": _fmt(100 * lo),
-                                  "ci_hi": _fmt(100 * hi), "n": len(values)})
+            rows.append(common | {"metric": metric, "breakdown": key, "bucket": bucket, "value": _fmt(100 * mean),
+                                  "ci_lo": _fmt(100 * lo), "ci_hi": _fmt(100 * hi), "n": len(values)})
         if spec is not None and scored:
             for name, fn in spec.corpus_columns.items():
                 preds = {str(r["id"]): r["prediction"] for r in scored}
@@ -754,7 +802,7 @@ def write_charts(out: Path, rows: list[dict]) -> list[Path]:
     from llava.utils import atomic_file
 
     primary = [r for r in rows if r["metric"] and METRICS.get(r["dataset"]) is not None
-               and r["metric"] == METRICS[r["dataset"]].primary and r["value"] != ""]
+               and r["metric"] == METRICS[r["dataset"]].primary and not r["breakdown"] and r["value"] != ""]
     first_rows = {}
     for r in rows:
         first_rows.setdefault((r["system"], r["dataset"]), r)
@@ -835,7 +883,17 @@ def write_report(out: Path, system_order: Sequence[str] = ()) -> list[dict]:
     rows = report_rows(predictions, latency, system_order)
     write_csv(out / RESULTS, rows)
     write_charts(out, rows)
+    write_markdown(out, rows)
     return rows
+
+
+def write_markdown(out: Path, rows: list[dict]) -> None:
+    """report.md: `llava.eval.report`'s tables of these rows."""
+    from llava.eval.report import render_markdown
+    from llava.utils import atomic_file
+
+    with atomic_file(out / REPORT) as fh:
+        fh.write(render_markdown(rows).encode("utf-8"))
 
 
 # ================================================================================================
@@ -881,7 +939,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava.eval.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--systems", default="pool,full,shirg",
-                   help="comma list of prune methods, each name[:option=value...][:adapter=PATH]")
+                   help="comma list of [LABEL=]METHOD[:OPTION=VALUE]...[@ADAPTER] (see the module doc)")
     p.add_argument("--datasets", default="chartqa,docvqa,vqav2,entitygrid",
                    help="comma list of chartqa, docvqa, vqav2, entitygrid, json")
     p.add_argument("--data-root", default=None, help="folder with one sub-folder per data set (json: the file)")

@@ -66,13 +66,14 @@ VQAV2_ANNOTATIONS = [
 ]
 ENTITYGRID_RECORDS = [
     {"id": "eg-0", "image": "images/eg_0.png", "question": "What is the label on the red circle?",
-     "answers": ["7"], "meta": {"qtype": "label", "size_px": 40}},
+     "answers": ["7"], "meta": {"qtype": "label", "size_px": 40, "size_bucket": "native", "center_dist": 0.12}},
     {"id": "eg-1", "image": "images/eg_0.png", "question": "What colour is the shape labelled A?",
-     "answers": ["blue"], "meta": {"qtype": "colour", "size_px": 60}},
+     "answers": ["blue"], "meta": {"qtype": "colour", "size_px": 60, "size_bucket": "global", "center_dist": 0.5}},
     {"id": "eg-2", "image": "images/eg_1.png", "question": "How many triangles are there?",
-     "answers": ["2"], "meta": {"qtype": "count"}},
+     "answers": ["2"], "meta": {"qtype": "count", "size_bucket": "mid", "center_dist": None}},
     {"id": "eg-3", "image": "images/eg_1.png", "question": "Is the green square left or right of the red circle?",
-     "answers": ["left"], "meta": {"qtype": "position"}, "unknown_field": [1, 2]},
+     "answers": ["left"], "meta": {"qtype": "position", "size_bucket": "mid", "center_dist": 0.8},
+     "unknown_field": [1, 2]},
 ]
 
 FIXTURE_SIZES = {"chartqa": 6, "docvqa": 4, "vqav2": 4, "entitygrid": 4}

@@ -15,7 +15,13 @@ from llava.eval.datasets import (
 )
 from llava.eval.metrics import METRICS
 from llava.mm_utils import load_image
-from tests.llava.eval.fixtures import FIXTURE_ANSWERS, FIXTURE_SIZES, write_fixture_root, write_parquet_root
+from tests.llava.eval.fixtures import (
+    ENTITYGRID_RECORDS,
+    FIXTURE_ANSWERS,
+    FIXTURE_SIZES,
+    write_fixture_root,
+    write_parquet_root,
+)
 
 
 @pytest.fixture
@@ -81,7 +87,8 @@ def test_vqav2_fields(root):
 
 def test_entitygrid_and_generic_json(root):
     ds = load_dataset("entitygrid", root)
-    assert ds[0].meta == {"qtype": "label", "size_px": 40} and ds[2].meta == {"qtype": "count"}
+    assert ds[0].meta == ENTITYGRID_RECORDS[0]["meta"] and ds[2].meta == {"qtype": "count", "size_bucket": "mid",
+                                                                           "center_dist": None}
     path = root / "entitygrid" / "test.json"
     generic = load_dataset("json", path)
     assert generic.name == "json" and [i.id for i in generic] == [i.id for i in ds]
