@@ -59,7 +59,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from llava.constants import SIGLIP_IMAGE_SIZE
+from llava.constants import DEFAULT_IMAGE_TOKEN, SIGLIP_IMAGE_SIZE
 
 GENERATOR_VERSION = "entitygrid-v1"
 SPLITS = ("train", "val", "test")
@@ -309,10 +309,33 @@ def make_sample(split: str, index: int, seed: int = 0, kind: str = "grid", quest
 # Writing a split
 
 
+def to_llava_records(items: list[dict]) -> list[dict]:
+    """Plain items -> LLaVA training records, one per image, its questions as the turns of one conversation
+    (the trainer's `llada` preprocessing draws one turn per sample, so every epoch asks each image a fresh
+    question). Questions carry the evaluation harness's EntityGrid prompt suffix, so training and evaluation
+    prompts are the same text."""
+    from llava.eval.datasets import DATASET_SPECS
+
+    spec = DATASET_SPECS["entitygrid"]
+    by_image: dict[str, list[dict]] = {}
+    for it in items:
+        by_image.setdefault(it["image"], []).append(it)
+    records = []
+    for image, its in by_image.items():
+        turns = []
+        for k, it in enumerate(its):
+            question = spec.prompt(it["question"])
+            turns.append({"from": "human", "value": f"{DEFAULT_IMAGE_TOKEN}\n{question}" if k == 0 else question})
+            turns.append({"from": "gpt", "value": it["answers"][0]})
+        records.append({"id": image.rsplit("/", 1)[-1].rsplit(".", 1)[0], "image": image, "conversations": turns})
+    return records
+
+
 def generate(out: str | Path, split: str, n: int, seed: int = 0, seed_offset: int = 0, kind: str = "grid",
-             questions_per_image: int = 4) -> dict:
+             questions_per_image: int = 4, llava: bool = False) -> dict:
     """Write n images (indices seed_offset .. seed_offset+n-1) and their items under `out`; return stats
-    {"images", "items", "seconds", "images_per_s", "items_per_s", "json"}."""
+    {"images", "items", "seconds", "images_per_s", "items_per_s", "json"}. With `llava`, also
+    `<split>_llava.json`: the same items as LLaVA training records (`to_llava_records`)."""
     if n < 0 or seed_offset < 0:
         raise ValueError("n and seed_offset must be non-negative")
     out = Path(out)
@@ -330,6 +353,8 @@ def generate(out: str | Path, split: str, n: int, seed: int = 0, seed_offset: in
     seconds = time.perf_counter() - start
     json_path = out / f"{split}.json"
     json_path.write_text(json.dumps(items), encoding="utf-8")
+    if llava:
+        (out / f"{split}_llava.json").write_text(json.dumps(to_llava_records(items)), encoding="utf-8")
     (out / f"{split}_scenes.json").write_text(json.dumps(scenes), encoding="utf-8")
     return {"images": n, "items": len(items), "seconds": round(seconds, 3),
             "images_per_s": round(n / seconds, 1) if seconds > 0 else None,
@@ -345,10 +370,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed-offset", type=int, default=0, help="index of the first image (to generate in chunks)")
     p.add_argument("--kind", choices=KINDS, default="grid", help="grid: many small entities; single: 1-3 large")
     p.add_argument("--questions-per-image", type=int, default=4)
+    p.add_argument("--llava", action="store_true", help="also write <split>_llava.json (LLaVA training records)")
     args = p.parse_args(argv)
     if args.n < 0 or args.seed_offset < 0 or args.questions_per_image < 1:
         p.error("--n and --seed-offset must be >= 0 and --questions-per-image >= 1")
-    stats = generate(args.out, args.split, args.n, args.seed, args.seed_offset, args.kind, args.questions_per_image)
+    stats = generate(args.out, args.split, args.n, args.seed, args.seed_offset, args.kind, args.questions_per_image,
+                     args.llava)
     print(f"wrote {stats['items']} items on {stats['images']} images to {stats['json']} in {stats['seconds']} s "
           f"({stats['images_per_s']} images/s, {stats['items_per_s']} items/s)")
     return 0

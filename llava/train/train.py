@@ -65,6 +65,9 @@ LOG_NAME = "trainer_log.jsonl"
 class ModelArguments:
     model_name_or_path: str = field(default="builtin:lavida-small",
                                     metadata={"help": "local LaViDa folder or builtin:lavida-small"})
+    config_overrides: Optional[str] = field(default=None, metadata={
+        "help": "JSON object of config keys replacing the built-in small model's (from-scratch training of other "
+                "small dims, e.g. '{\"d_model\": 64, \"n_layers\": 3}'); only with builtin:lavida-small"})
     prune_method: str = field(default="pool", metadata={
         "help": "visual tokens seen in training: any registered method (shirg for SHIRG's LoRA stage, pool for "
                 "LaViDa-style training)"})
@@ -160,6 +163,28 @@ def parse_prune_options(margs: ModelArguments):
     return method, method.make_options(given)
 
 
+def parse_config_overrides(margs: ModelArguments) -> Optional[dict]:
+    """--config_overrides as a dict (None when not given); a nested `vision_config` is merged key by key into the
+    built-in one, so `{"vision_config": {"hidden_size": 96}}` keeps the other vision keys."""
+    if margs.config_overrides is None:
+        return None
+    from llava.model.builder import SMALL_MODEL_NAME, build_small_tokenizer, small_model_config
+
+    if margs.model_name_or_path != SMALL_MODEL_NAME:
+        raise ConfigError(f"--config_overrides only applies to {SMALL_MODEL_NAME} (a checkpoint folder has its own "
+                          "config.json)")
+    try:
+        overrides = json.loads(margs.config_overrides)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config_overrides is not valid JSON: {e}") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError("--config_overrides must be a JSON object of config keys")
+    if isinstance(overrides.get("vision_config"), dict):
+        base = small_model_config(build_small_tokenizer())["vision_config"]
+        overrides["vision_config"] = {**base, **overrides["vision_config"]}
+    return overrides
+
+
 def parse_tunable_parts(margs: ModelArguments) -> list[str]:
     if margs.mm_tunable_parts is None:
         return [] if margs.lora_enable else list(TUNABLE_PARTS)
@@ -199,6 +224,7 @@ def validate_args(margs: ModelArguments, dargs: DataArguments, targs: TrainingAr
         raise InputError("--data_path is required")
     method, options = parse_prune_options(margs)
     parts = parse_tunable_parts(margs)
+    parse_config_overrides(margs)
     if margs.bits not in (4, 8, 16):
         raise InputError(f"--bits must be 4, 8 or 16, got {margs.bits}")
     if margs.bits < 16:
@@ -368,7 +394,8 @@ def load_model_for_training(margs: ModelArguments, targs: TrainingArguments, met
     from llava.model.builder import load_pretrained_model
     from llava.train.lora import apply_lora, lora_parameter_names, quantize_language_model
 
-    tokenizer, model, _, _ = load_pretrained_model(margs.model_name_or_path, device="cpu", torch_dtype=dtype)
+    tokenizer, model, _, _ = load_pretrained_model(margs.model_name_or_path, device="cpu", torch_dtype=dtype,
+                                                   config_overrides=parse_config_overrides(margs))
     model.mm_config.tokenizer_model_max_length = targs.model_max_length
     setup = TrainSetup(tokenizer, model, method, options, parts, lora_spec=spec, base_path=margs.model_name_or_path)
     if margs.bits < 16:
