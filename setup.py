@@ -27,4 +27,6 @@ setup(
         # parquet exports of the evaluation sets (lmms-eval's ChartQA/DocVQA/VQAv2); JSON needs nothing extra
         "eval": ["pyarrow>=14,<30"],
     },
+    # lmms-eval (installed separately, see README "Evaluation") finds `--model shirg_lavida` here
+    entry_points={"lmms_eval.models": ["shirg_lavida = llava.eval.lmms_model:manifest"]},
 )
