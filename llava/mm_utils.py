@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageMode, UnidentifiedImageError
 
 from llava.constants import (
     DEFAULT_GRID_PINPOINTS,
@@ -23,9 +23,15 @@ from llava.constants import (
     SIGLIP_STD,
 )
 from llava.errors import ImageError
+from llava.utils import logger
 
-# Our own decompression-bomb limit, checked from the header before any pixel is decoded.
+# Our own decompression-bomb limits, checked from the header before any pixel is decoded: pixels, and bytes of
+# the decoded image as PIL stores it (`_decoded_bytes`), so a high-bit-depth or multi-band mode is bounded too.
 MAX_IMAGE_PIXELS = 100_000_000
+MAX_IMAGE_BYTES = 400_000_000  # 100 MP at PIL's widest storage (4 bytes a pixel: RGB(A), CMYK, I, F)
+# 16-bit / 32-bit / float images are converted this many pixels at a time, so the conversion's float64
+# intermediates stay a few MB whatever the image size (peak ≈ decoded image + the 8-bit gray + the RGB result).
+_CONVERT_CHUNK_PIXELS = 1 << 20
 # A side shorter than one SigLIP patch would leave a view with no image content at all.
 MIN_IMAGE_SIDE = SIGLIP_PATCH_SIZE
 
@@ -49,7 +55,7 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
     (GIF, APNG, TIFF) use their first frame.
     """
     if isinstance(source, Image.Image):
-        _check_size(source.size, "image")
+        _check_size(source.size, "image", source.mode)
         try:
             source.load()
         except _DECODE_ERRORS as e:
@@ -66,7 +72,7 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             with Image.open(path) as image:
-                _check_size(image.size, str(path))
+                _check_size(image.size, str(path), image.mode)
                 image.load()
                 return _to_rgb(image)
         except Image.DecompressionBombError:
@@ -77,12 +83,29 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
             raise ImageError(f"cannot decode {path}: {_decode_reason(e)}") from None
 
 
-def _check_size(size: tuple[int, int], name: str) -> None:
-    """Reject bombs and images too small for one SigLIP patch; uses only the header size."""
+def _decoded_bytes(size: tuple[int, int], mode: str) -> int:
+    """Bytes PIL allocates for the decoded image: one sample per pixel for single-band modes (1/L/P: 1, I;16: 2,
+    I/F: 4), 4 bytes a pixel for every multi-band 8-bit mode (PIL pads RGB, LA, YCbCr, ... to 32 bits)."""
+    try:
+        info = ImageMode.getmode(mode)
+        itemsize, bands = np.dtype(info.typestr).itemsize, len(info.bands)
+    except (KeyError, TypeError):
+        itemsize, bands = 4, 1  # unknown mode: assume the widest storage
+    return size[0] * size[1] * (itemsize if bands == 1 else max(4, itemsize * bands))
+
+
+def _check_size(size: tuple[int, int], name: str, mode: str = "RGB") -> None:
+    """Reject bombs (by pixels and by decoded bytes) and images too small for one SigLIP patch; header only."""
     width, height = size
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageError(
             f"{name}: image is {width}x{height} px, over the {MAX_IMAGE_PIXELS // 1_000_000} megapixel limit"
+        )
+    decoded = _decoded_bytes(size, mode)
+    if decoded > MAX_IMAGE_BYTES:
+        raise ImageError(
+            f"{name}: {width}x{height} px of mode {mode} decodes to {decoded / 1e6:.0f} MB, over the "
+            f"{MAX_IMAGE_BYTES / 1e6:.0f} MB limit"
         )
     if min(width, height) < MIN_IMAGE_SIDE:
         raise ImageError(f"image is {width}x{height} px; SigLIP needs at least {MIN_IMAGE_SIDE} px per side")
@@ -98,25 +121,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     PIL's own convert clips 16-bit and float samples to 255, which turns most 16-bit scans into white.
     Rules: `I;16*` samples are 16-bit (divide by 65535); `I` (32-bit int) is treated as a 16-bit container when
     its values fit in [0, 65535], else min-max stretched; `F` in [0, 1] is multiplied by 255, else min-max
-    stretched. Every other mode (1, L, LA, P incl. transparency, PA, RGBA, CMYK, YCbCr, …) goes through
-    `.convert("RGB")`, which drops alpha like upstream.
+    stretched. Non-finite `F` samples are ignored when finding the range, then drawn as its ends: NaN and -inf
+    black, +inf white (with a warning); a float image with no finite sample is an ImageError. Every other mode
+    (1, L, LA, P incl. transparency, PA, RGBA, CMYK, YCbCr, …) goes through `.convert("RGB")`, which drops
+    alpha like upstream.
     """
     mode = image.mode
     if mode == "RGB":
         return image
     if mode.startswith("I") or mode == "F":
-        values = np.asarray(image).astype(np.float64)
-        if mode.startswith("I;16"):
-            scaled = values / 65535.0
-        elif mode == "I" and values.min() >= 0 and values.max() <= 65535:
-            scaled = values / 65535.0
-        elif mode == "F" and values.min() >= 0.0 and values.max() <= 1.0:
-            scaled = values
-        else:
-            low, high = values.min(), values.max()
-            scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-        gray = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(_high_depth_to_gray(image), mode="L").convert("RGB")
     if mode == "P" and "transparency" in image.info:
         # Same pixels as P→RGB, minus PIL's "convert to RGBA first" warning for byte transparency.
         return image.convert("RGBA").convert("RGB")
@@ -124,6 +138,55 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     except ValueError:
         raise ImageError(f"unsupported image mode {mode!r}") from None
+
+
+def _row_chunks(image: Image.Image):
+    """(top, bottom, samples as float64) over bands of rows of about `_CONVERT_CHUNK_PIXELS` pixels each."""
+    width, height = image.size
+    step = max(1, _CONVERT_CHUNK_PIXELS // width)
+    for top in range(0, height, step):
+        bottom = min(height, top + step)
+        yield top, bottom, np.asarray(image.crop((0, top, width, bottom))).astype(np.float64)
+
+
+def _high_depth_to_gray(image: Image.Image) -> np.ndarray:
+    """8-bit gray [H, W] of an `I*` / `F` image by `_to_rgb`'s rules, a band of rows at a time (same arithmetic
+    as one whole-image pass; only the range needs a first pass)."""
+    mode = image.mode
+    low = high = None  # None: samples are already in [0, 1] after dividing by `divisor`
+    divisor = 65535.0
+    if not mode.startswith("I;16"):
+        low, high, non_finite = math.inf, -math.inf, 0
+        for _, _, values in _row_chunks(image):
+            finite = np.isfinite(values)
+            if not finite.all():
+                non_finite += values.size - int(finite.sum())
+                values = values[finite]
+            if values.size:
+                low, high = min(low, float(values.min())), max(high, float(values.max()))
+        if low > high:
+            raise ImageError("float image has no finite pixel value (all NaN or infinite)")
+        if non_finite:
+            logger.warning("image has %d non-finite pixel value(s): NaN and -inf drawn black, +inf white", non_finite)
+        if mode == "I" and low >= 0 and high <= 65535:
+            low = high = None
+        elif mode == "F" and low >= 0.0 and high <= 1.0:
+            low = high = None
+            divisor = 1.0
+    width, height = image.size
+    gray = np.empty((height, width), dtype=np.uint8)
+    for top, bottom, values in _row_chunks(image):
+        if low is None:
+            scaled = values / divisor if divisor != 1.0 else values
+            if mode == "F":
+                scaled = np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0)
+        elif high > low:
+            values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+            scaled = (values - low) / (high - low)
+        else:
+            scaled = np.zeros_like(values)
+        gray[top:bottom] = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    return gray
 
 
 # ----------------------------------------------------------------------------------------------------------------

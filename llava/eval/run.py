@@ -23,11 +23,12 @@ from llava.conversation import build_prompt
 from llava.errors import InputError, LavidaError
 from llava.mm_utils import load_image, tokenizer_image_token
 from llava.model.builder import SMALL_MODEL_NAME, load_pretrained_model
-from llava.model.language_model.llada.generate import steps_per_block
+from llava.model.language_model.llada.generate import check_sampling, steps_per_block
 from llava.utils import StageTimer
 
 DEFAULT_IMAGE = Path(__file__).resolve().parents[2] / "playground" / "images" / "demo.png"
 DEFAULT_QUESTION = "What is the value of the tallest bar?"
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, what torch's generators (and the prune methods') take
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,21 +130,19 @@ def run(args) -> dict:
     from shirg_patches import REGISTRY, get_method
 
     method = get_method(args.prune_method)
-    question = args.question.strip()
+    question = check_question_text(args.question).strip()
     if not question and not method.accepts_empty_question:
         takers = [n for n, m in REGISTRY.items() if m.accepts_empty_question]
         raise InputError(f"--question is empty (only --prune_method {' / '.join(takers)} accepts that)")
     opts = prune_options(args)
     block_length = args.block_length if args.block_length is not None else min(128, args.gen_length)
-    # validates --gen-length, --block-length and --steps before the model loads
+    # validates --gen-length, --block-length, --steps and the sampler's options before the model loads
     steps_per_block(args.gen_length, block_length, args.steps)
-
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise InputError(f"unknown --device {args.device!r}; use cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    schedule_kwargs = {"shift": args.shift} if args.shift is not None else None
+    check_sampling(args.temperature, args.remasking, args.schedule, schedule_kwargs)
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise InputError(f"--seed {args.seed} is out of range; use an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+    device = parse_device(args.device)
     timer = StageTimer(device)
     with timer("preprocess"):
         image = load_image(args.image)
@@ -151,7 +150,6 @@ def run(args) -> dict:
     prompt = build_prompt(question)
     input_ids = tokenizer_image_token(prompt, tokenizer)
     question_ids = tokenizer(question, add_special_tokens=False).input_ids if question else None
-    schedule_kwargs = {"shift": args.shift} if args.shift is not None else None
     out = model.generate(
         input_ids, [image], prune_method=method.name, question_ids=question_ids,
         prune_options={**opts, "seed": args.seed},
@@ -180,6 +178,34 @@ def run(args) -> dict:
         "steps": len(out.generation.step_seconds),
         "image_size": list(image.size),
     }
+
+
+def check_question_text(question: str) -> str:
+    """The question as text. Python decodes argv with `surrogateescape`, so bytes that are not UTF-8 arrive as
+    lone surrogates, which no tokenizer can encode: refuse them here, naming the first bad byte."""
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(question[e.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        raise InputError(f"--question is not valid UTF-8 text ({what} at position {e.start})") from None
+    return question
+
+
+def parse_device(name: str) -> torch.device:
+    """`--device` as a torch device this CLI can run on: cpu, or cuda[:N] with that GPU present."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"unknown --device {name!r}; use cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"unsupported --device {name!r} (a {device.type} device); use cpu or cuda[:N]")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda was asked for but CUDA is not available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def plain_values(notes: dict) -> dict:

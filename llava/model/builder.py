@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Optional
 
 import torch
@@ -49,9 +49,14 @@ def read_config(model_path: str | Path) -> dict:
     if not cfg_file.is_file():
         raise CheckpointError(f"{str(path)!r} has no {CONFIG_NAME}; is it a LaViDa checkpoint folder?")
     try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{cfg_file} is not UTF-8 text: {e}") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_file} must hold a JSON object (key: value), not a {type(raw).__name__}")
+    return raw
 
 
 def _safetensors_error(file: Path, e: Exception) -> CheckpointError:
@@ -65,10 +70,21 @@ def weight_files(model_path: str | Path) -> list[Path]:
     index = path / WEIGHTS_INDEX_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e!r}") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: 'weight_map' must be a non-empty object of tensor name -> shard file")
+        bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+        if bad:
+            raise CheckpointError(f"{index}: shard of {bad[0]!r} must be a file name, got {bad[1]!r}")
         shards = sorted(set(weight_map.values()))
+        outside = [s for s in shards if not _inside_folder(s)]
+        if outside:
+            raise CheckpointError(
+                f"{index} points outside the checkpoint folder: {', '.join(map(repr, outside))}; shard paths "
+                "must be relative paths inside it"
+            )
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise CheckpointError(f"{path}: shard(s) listed in {WEIGHTS_INDEX_NAME} are missing: {', '.join(missing)}")
@@ -81,11 +97,27 @@ def weight_files(model_path: str | Path) -> list[Path]:
     )
 
 
+def _inside_folder(name: str) -> bool:
+    """A shard path from an index stays inside the folder: relative, no `..`, no drive (checked on the
+    text, so a symlinked shard inside the folder, as in a hub cache snapshot, still loads)."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and ":" not in parts[0]
+
+
 def _read_torch_bin(file: Path) -> dict[str, torch.Tensor]:
     try:  # mmap: tensors are paged in as they are copied out, not read up front
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise CheckpointError(f"cannot read {file}: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} holds a {type(state).__name__}, not a dict of tensor name -> tensor")
+    bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(
+            f"{file}: entry {bad!r} is not a tensor ({type(state[bad]).__name__}); a weights file maps names "
+            "to tensors only"
+        )
+    return state
 
 
 def checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
@@ -104,6 +136,28 @@ def checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
         except Exception as e:
             raise _safetensors_error(file, e) from None
     return shapes
+
+
+def checkpoint_dtypes(files: list[Path]) -> dict[str, str]:
+    """name -> dtype name ("F32", "BF16", "I64", ... as safetensors spells them; torch's for `.bin`), from
+    the headers only."""
+    from safetensors import safe_open
+
+    dtypes = {}
+    for file in files:
+        if file.suffix != ".safetensors":
+            dtypes.update({k: str(v.dtype).removeprefix("torch.") for k, v in _read_torch_bin(file).items()})
+            continue
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                dtypes.update({k: f.get_slice(k).get_dtype() for k in f.keys()})
+        except Exception as e:
+            raise _safetensors_error(file, e) from None
+    return dtypes
+
+
+def _is_float_dtype(name: str) -> bool:
+    return name.upper().startswith(("F", "BF"))  # F16/F32/F64/F8_*, BF16; torch: float*, bfloat16
 
 
 def iter_checkpoint(
@@ -234,8 +288,16 @@ def load_weights(
     """Fill a (meta-device) model from checkpoint files: check names and shapes from the headers
     first (`shapes`, if already read), then stream the tensors in, cast as they are read, and
     assign them (no second copy)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state_dict = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state_dict.items()}
     check_weights(expected, checkpoint_shapes(files) if shapes is None else shapes, source)
+    found = checkpoint_dtypes(files)
+    bad = sorted(k for k, v in state_dict.items() if v.is_floating_point() and not _is_float_dtype(found[k]))
+    if bad:
+        raise CheckpointError(
+            f"{source}: {len(bad)} weight(s) are not floating point, e.g. {bad[0]} is {found[bad[0]]}"
+        )
+    del state_dict
     state = dict(iter_checkpoint(files, keys=set(expected), dtype=dtype, device=device))
     model.load_state_dict(state, strict=True, assign=True)
     del state
@@ -277,7 +339,10 @@ def load_pretrained_model(
     else:
         raw = read_config(model_path)
         raw.update(config_overrides or {})
-        config = LlavaLLaDAConfig.from_dict(raw)
+        try:
+            config = LlavaLLaDAConfig.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{Path(model_path) / CONFIG_NAME}: {e}") from None
         files = weight_files(model_path)
         shapes = checkpoint_shapes(files)  # unreadable files fail before anything is built
         tokenizer = load_tokenizer(model_path)

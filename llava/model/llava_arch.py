@@ -61,11 +61,22 @@ class MultimodalConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MultimodalConfig":
+        """Read and type-check the keys once, naming the culprit (so a bad value fails at load, not mid-run)."""
         kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and d[f.name] is not None}
         cfg = cls(**kw)
-        if isinstance(cfg.image_grid_pinpoints, str):  # upstream CLI writes "[(384, 768), ...]"
-            cfg.image_grid_pinpoints = [list(p) for p in ast.literal_eval(cfg.image_grid_pinpoints)]
-        cfg.image_grid_pinpoints = [tuple(int(v) for v in p) for p in cfg.image_grid_pinpoints]
+        for key in ("mm_vision_tower", "mm_projector_type", "mm_patch_merge_type", "image_aspect_ratio",
+                    "mm_spatial_pool_mode", "mm_vision_attn_implementation"):
+            if not isinstance(getattr(cfg, key), str):
+                raise ConfigError(f"config key {key!r} must be a string, got {getattr(cfg, key)!r}")
+        for key in ("mm_hidden_size", "tokenizer_model_max_length"):
+            value = getattr(cfg, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"config key {key!r} must be a positive integer, got {value!r}")
+        if cfg.mm_2d_pool is not None and not isinstance(cfg.mm_2d_pool, bool):
+            raise ConfigError(f"config key 'mm_2d_pool' must be true, false or null, got {cfg.mm_2d_pool!r}")
+        if cfg.vision_config is not None and not isinstance(cfg.vision_config, dict):
+            raise ConfigError(f"config key 'vision_config' must be an object, got {cfg.vision_config!r}")
+        cfg.image_grid_pinpoints = parse_pinpoints(cfg.image_grid_pinpoints)
         if cfg.mm_patch_merge_type not in cls.MERGE_TYPES:
             raise ConfigError(f"mm_patch_merge_type {cfg.mm_patch_merge_type!r} unsupported; use {cls.MERGE_TYPES}")
         if cfg.image_aspect_ratio not in cls.ASPECTS:
@@ -78,6 +89,33 @@ class MultimodalConfig:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["image_grid_pinpoints"] = [list(p) for p in self.image_grid_pinpoints]
         return d
+
+
+def parse_pinpoints(value: Any) -> list[tuple[int, int]]:
+    """`image_grid_pinpoints` as [(w, h), ...] of positive integers; upstream's CLI writes the list as a string
+    ("[(384, 768), ...]"). Anything else is a ConfigError naming the key."""
+    raw = value
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise ConfigError(f"config key 'image_grid_pinpoints' {raw!r} is not a list of [width, height]") from None
+
+    def side(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 1 or int(v) != v:
+            raise ValueError
+        return int(v)
+
+    try:
+        pinpoints = [(side(w), side(h)) for w, h in value]
+        if not pinpoints:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config key 'image_grid_pinpoints' must be a non-empty list of [width, height] positive integers, "
+            f"got {raw!r}"
+        ) from None
+    return pinpoints
 
 
 def resolve_pooling(explicit: Optional[bool] = None, config_value: Optional[bool] = None) -> tuple[bool, str]:
@@ -297,7 +335,10 @@ class LlavaMetaForCausalLM:
     def prepare_inputs_embeds(
         self, input_ids: Sequence[int] | torch.Tensor, visual: Sequence[VisualTokens]
     ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Splice each image's tokens at its -200 placeholder; returns ([1, P, D], image spans)."""
+        """Splice each image's tokens at its -200 placeholder; returns ([1, P, D], image spans).
+
+        Text past `tokenizer_model_max_length` is cut (with a warning), as upstream; a cut that would reach an
+        image's tokens is an InputError instead, so the reported visual-token count is what the LM sees."""
         ids = torch.as_tensor(input_ids, dtype=torch.long)
         if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1) or ids.numel() == 0:
             # flattening a [B>1, T] batch would silently glue the prompts into one
@@ -330,9 +371,16 @@ class LlavaMetaForCausalLM:
         embeds = torch.cat(pieces).unsqueeze(0)
         limit = self.mm_config.tokenizer_model_max_length
         if embeds.shape[1] > limit:
+            if any(end > limit for _, end in spans):
+                # upstream cuts silently; an image whose tokens the LM never sees would make every count wrong
+                n_visual = sum(end - start for start, end in spans)
+                raise InputError(
+                    f"the prompt is {embeds.shape[1]} tokens ({n_visual} of them visual) but the config's "
+                    f"tokenizer_model_max_length is {limit}: truncating would cut into the image tokens; raise "
+                    "tokenizer_model_max_length or use a method with fewer visual tokens"
+                )
             logger.warning("prompt of %d tokens truncated to tokenizer_model_max_length=%d", embeds.shape[1], limit)
-            embeds = embeds[:, :limit]
-            spans = [(s, min(e, limit)) for s, e in spans if s < limit]
+            embeds = embeds[:, :limit]  # text after the last image only: every span is still whole
         return embeds, spans
 
 

@@ -1,7 +1,11 @@
 """mm_utils: image loading/validation, any-res views, upstream token counts, tokenizer_image_token."""
 
 import io
+import logging
+import os
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from types import SimpleNamespace
@@ -11,6 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+import llava.mm_utils as mm_utils
 from llava.constants import DEFAULT_GRID_PINPOINTS, IMAGE_TOKEN_INDEX
 from llava.errors import ImageError
 from llava.mm_utils import (
@@ -266,6 +271,107 @@ def test_float_image():
     assert np.asarray(load_image(image))[0, :3, 0].tolist() == [0, 128, 255]
     stretched = Image.fromarray(np.array([[-2.0, 0.0, 2.0] * 7] * 20, dtype=np.float32))
     assert np.asarray(load_image(stretched))[0, :3, 0].tolist() == [0, 128, 255]
+
+
+def test_float_image_non_finite_pixels_are_left_out_of_the_range(caplog):
+    """Decision: NaN/inf pixels are ignored when finding the range (one NaN no longer blackens the image), then
+    drawn at its ends: NaN and -inf black, +inf white; a warning counts them."""
+    rng = np.random.default_rng(0)
+    clean = rng.random((40, 40)).astype(np.float32)  # in [0, 1): scaled by 255
+    dirty = clean.copy()
+    dirty[0, 0], dirty[0, 1], dirty[0, 2] = np.nan, np.inf, -np.inf
+    with caplog.at_level(logging.WARNING, logger="llava"):
+        got = np.asarray(load_image(Image.fromarray(dirty)))
+    want = np.asarray(load_image(Image.fromarray(clean)))
+    assert np.array_equal(got[1:], want[1:]) and np.array_equal(got[0, 3:], want[0, 3:])
+    assert got[0, :3, 0].tolist() == [0, 255, 0]
+    assert any("3 non-finite" in r.getMessage() for r in caplog.records)
+    # min-max stretched range: also taken from the finite pixels only
+    stretched = np.array([[-2.0, 0.0, 2.0, np.nan, np.inf] * 4] * 20, dtype=np.float32)
+    assert np.asarray(load_image(Image.fromarray(stretched)))[0, :5, 0].tolist() == [0, 128, 255, 0, 255]
+
+
+@pytest.mark.parametrize("fill", [np.nan, np.inf])
+def test_float_image_without_a_finite_pixel_is_refused(fill):
+    with pytest.raises(ImageError, match="no finite pixel"):
+        load_image(Image.fromarray(np.full((20, 20), fill, dtype=np.float32)))
+
+
+def _old_whole_image_conversion(image):
+    """The conversion as one float64 pass over the whole image (before it went by bands of rows)."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.min() >= 0 and values.max() <= 65535):
+        scaled = values / 65535.0
+    elif image.mode == "F" and values.min() >= 0.0 and values.max() <= 1.0:
+        scaled = values
+    else:
+        low, high = values.min(), values.max()
+        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("make", [
+    lambda a: Image.fromarray(a.astype(np.uint16)),  # I;16, every 16-bit value
+    lambda a: Image.fromarray(a.astype(np.int32)),  # I within [0, 65535]
+    lambda a: Image.fromarray(a.astype(np.int32) * 3 - 70000),  # I stretched
+    lambda a: Image.fromarray((a / 65535.0).astype(np.float32)),  # F in [0, 1]
+    lambda a: Image.fromarray((a * 0.37 - 9).astype(np.float32)),  # F stretched
+    lambda a: Image.fromarray(np.full(a.shape, 7.5, dtype=np.float32)),  # F constant
+], ids=["I;16", "I", "I-stretched", "F", "F-stretched", "F-constant"])
+def test_banded_conversion_is_bit_identical_to_one_pass(monkeypatch, make):
+    image = make(np.arange(65536).reshape(256, 256))
+    monkeypatch.setattr(mm_utils, "_CONVERT_CHUNK_PIXELS", 1000)  # many bands, the last one partial
+    rgb = np.asarray(load_image(image))
+    old = _old_whole_image_conversion(image)
+    assert rgb.shape == (256, 256, 3) and all(np.array_equal(rgb[..., c], old) for c in range(3))
+
+
+def test_decoded_byte_limit_counts_bit_depth(tmp_path, monkeypatch):
+    monkeypatch.setattr(mm_utils, "MAX_IMAGE_BYTES", 1_000_000)
+    gray8, gray16 = tmp_path / "g8.png", tmp_path / "g16.png"
+    Image.new("L", (800, 800)).save(gray8)  # 0.64 MB decoded
+    Image.fromarray(np.zeros((800, 800), dtype=np.uint16)).save(gray16)  # 1.28 MB decoded
+    assert load_image(gray8).size == (800, 800)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded past the byte limit"))
+    with pytest.raises(ImageError, match=r"mode I;16 decodes to 1 MB, over the 1 MB limit"):
+        load_image(gray16)
+
+
+def _png16_gray(path, width, height):
+    """A 16-bit grayscale PNG written row by row (sparse bright dots), without holding the image in memory."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" + (b"\x9c\x40" + b"\0" * 14) * (width // 8)
+    packer = zlib.compressobj(1)
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path
+
+
+_PEAK_RSS_SCRIPT = """
+import resource, sys
+from llava.mm_utils import load_image
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+image = load_image(sys.argv[1])
+print(image.mode, image.size[0], image.size[1], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux")
+def test_100_megapixel_16_bit_png_peak_memory(tmp_path):
+    """The 100 MP limit image in 16 bits (a 1.6 MB file) loads within 2x PIL's decoded RGB image (4 bytes a
+    pixel). The whole-image float64 conversion used to peak at ~3.2 GB over the baseline; banded: ~0.7 GB."""
+    width = height = 10_000
+    path = _png16_gray(tmp_path / "big16.png", width, height)
+    out = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, str(path)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    mode, w, h, peak_kib = out.stdout.split()
+    assert (mode, int(w), int(h)) == ("RGB", width, height)
+    rgb_bytes = 4 * width * height
+    assert int(peak_kib) * 1024 < 2 * rgb_bytes, f"peak {int(peak_kib) / 1024:.0f} MiB over the baseline"
 
 
 def test_multiframe_uses_first_frame(tmp_path):

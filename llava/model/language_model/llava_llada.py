@@ -8,6 +8,7 @@ Module nesting reproduces upstream checkpoint keys: `model.transformer.*` (LLaDA
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -40,6 +41,14 @@ class LlavaLLaDAConfig:
         self.llada = LLaDAConfig.from_dict(raw)
         self.mm = MultimodalConfig.from_dict(raw)
         self.vision = resolve_vision_config(self.mm)
+        tile = self.vision.image_size
+        if self.mm.image_aspect_ratio == "anyres":
+            bad = [list(p) for p in self.mm.image_grid_pinpoints if p[0] % tile or p[1] % tile]
+            if bad:
+                raise ConfigError(
+                    f"config key 'image_grid_pinpoints': {bad[0]} is not a whole number of {tile} px tiles "
+                    f"(the vision tower's image_size)"
+                )
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlavaLLaDAConfig":
@@ -60,18 +69,61 @@ def resolve_vision_config(mm: MultimodalConfig) -> SiglipVisionConfig:
     folder, else the stock so400m dims when the name says so400m (no hub access ever).
     """
     if mm.vision_config:
-        return SiglipVisionConfig(**mm.vision_config)
+        return checked_vision_config(mm.vision_config, "vision_config")
     local = os.path.join(str(mm.mm_vision_tower), "config.json")
     if os.path.isfile(local):
-        with open(local) as f:
-            cfg = json.load(f)
-        return SiglipVisionConfig(**cfg.get("vision_config", cfg))
+        try:
+            with open(local, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+            raise ConfigError(f"cannot read the vision tower config {local}: {e}") from None
+        if isinstance(cfg, dict) and isinstance(cfg.get("vision_config"), dict):
+            return checked_vision_config(cfg["vision_config"], f"{local}: vision_config")
+        return checked_vision_config(cfg, local)
     if "so400m" in str(mm.mm_vision_tower):
         return so400m_vision_config()
     raise ConfigError(
         f"cannot tell the SigLIP dims for mm_vision_tower={mm.mm_vision_tower!r}: add a `vision_config` "
         "dict to config.json or point mm_vision_tower at a local folder with config.json"
     )
+
+
+# SigLIP dims that must be positive integers (the tower's geometry and widths), and floats that must be finite
+_VISION_INT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_channels", "image_size", "patch_size")
+_VISION_FLOAT_KEYS = ("layer_norm_eps", "attention_dropout")
+
+
+def checked_vision_config(d, where: str) -> SiglipVisionConfig:
+    """A SiglipVisionConfig from a dict whose types and dims were checked first, naming the bad key."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a JSON object, got {type(d).__name__}")
+    for key in _VISION_INT_KEYS:
+        value = d.get(key)
+        if key in d and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{where}.{key} must be a positive integer, got {value!r}")
+    for key in _VISION_FLOAT_KEYS:
+        value = d.get(key)
+        if key in d and (isinstance(value, bool) or not isinstance(value, (int, float))
+                         or not math.isfinite(value) or value < 0):
+            raise ConfigError(f"{where}.{key} must be a non-negative number, got {value!r}")
+    if "hidden_act" in d:
+        from transformers.activations import ACT2FN
+
+        if not isinstance(d["hidden_act"], str) or d["hidden_act"] not in ACT2FN:
+            raise ConfigError(f"{where}.hidden_act {d['hidden_act']!r} is not an activation transformers knows")
+    try:
+        config = SiglipVisionConfig(**d)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where} is not a valid SigLIP vision config: {e}") from None
+    if config.hidden_size % config.num_attention_heads:
+        raise ConfigError(
+            f"{where}.hidden_size {config.hidden_size} is not divisible by num_attention_heads "
+            f"{config.num_attention_heads}"
+        )
+    if config.patch_size > config.image_size:
+        raise ConfigError(f"{where}.patch_size {config.patch_size} is larger than image_size {config.image_size}")
+    return config
 
 
 class LlavaLLaDAModel(LLaDAModel):

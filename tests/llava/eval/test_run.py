@@ -5,7 +5,9 @@ test pays for a rebuild. `main` configures logging itself; `cli` lets it write t
 stderr exactly as it would in a terminal, so "one line on stderr" is really checked.
 """
 import json
+import shutil
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -138,6 +140,22 @@ BAD = {
     "model path missing": (lambda t: ["--image", _img(t), "--model-path", "/nonexistent"], "does not exist"),
     "unknown device": (lambda t: ["--image", _img(t), "--device", "toaster"], "unknown --device"),
 }
+# Argument errors that must be caught before the image is read or the model loads (tested both ways below).
+EARLY = {
+    "temperature nan": (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+    "temperature inf": (["--temperature", "inf"], "--temperature must be a finite number >= 0, got inf"),
+    "temperature negative": (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    "shift inf": (["--schedule", "shift", "--shift", "inf"], "--shift must be a positive finite number, got inf"),
+    "shift nan": (["--schedule", "shift", "--shift", "nan"], "--shift must be a positive finite number"),
+    "unknown remasking": (["--remasking", "loudest"], "unknown remasking 'loudest'"),
+    "question not utf-8": (["--question", "what \udcff is"],  # how Python hands over argv byte 0xff
+                           "--question is not valid UTF-8 text (byte 0xff at position 5)"),
+    "seed above int64": (["--seed", "99999999999999999999999"], "--seed 99999999999999999999999 is out of range"),
+    "seed below int64": (["--seed", str(-(2**63) - 1)], "is out of range; use an integer in [-9223372036854775808"),
+    "device meta": (["--device", "meta"], "unsupported --device 'meta' (a meta device)"),
+}
+BAD.update({name: (lambda t, argv=argv: ["--image", _img(t), *argv], message)
+            for name, (argv, message) in EARLY.items()})
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -152,6 +170,60 @@ def test_bad_input_is_one_error_line(cli, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err and message in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no heat-map, no temp file
+
+
+@pytest.mark.parametrize("case", list(EARLY))
+def test_argument_errors_come_before_the_image_and_the_model(cli, monkeypatch, case):
+    import llava.eval.run as run
+
+    monkeypatch.setattr(run, "load_pretrained_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(run, "load_image", lambda *a, **k: pytest.fail("read the image"))
+    argv, message = EARLY[case]
+    code, out, err = cli(*FAST, *argv)
+    assert code == 2 and out == "" and err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+def _edited_checkpoint(small_checkpoint, tmp_path, key, value):
+    folder = shutil.copytree(small_checkpoint, tmp_path / "ck")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("tokenizer_model_max_length", 0, "'tokenizer_model_max_length' must be a positive integer, got 0"),
+    ("tokenizer_model_max_length", 300, "(1008 of them visual) but the config's tokenizer_model_max_length is 300"),
+    ("rope_theta", "abc", "config key 'rope_theta' must be a positive number, got 'abc'"),
+    ("image_grid_pinpoints", [[384]], "config key 'image_grid_pinpoints' must be a non-empty list"),
+])
+def test_bad_checkpoint_config_values_are_one_error_line(cli, small_checkpoint, tmp_path, key, value, message):
+    folder = _edited_checkpoint(small_checkpoint, tmp_path, key, value)
+    image = noise(tmp_path / "sq.png", 768, 768)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code, out, err = cli(*FAST, "--image", image, "--model-path", folder, "--json")
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and message in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs POSIX file-size limits (RLIMIT_FSIZE)")
+def test_heatmap_write_failure_is_one_error_line(cli, tmp_path):
+    """`ulimit -f 20`: the heat-map PNG hits the file-size limit mid-write (EFBIG; Python ignores SIGXFSZ)."""
+    import resource
+
+    dest = tmp_path / "heat.png"
+    image = noise(tmp_path / "i.png", 640, 480)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 1024, hard))
+    try:
+        code, out, err = cli(*FAST, "--image", image, "--prune_method", "shirg", "--save_heatmap", dest)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: cannot write heat-map {dest}: ") and "File too large" in err, err
+    assert len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["i.png"]  # no partial heat-map, no temp file
 
 
 def test_empty_question_shirg_proceeds_and_says_so(cli, tmp_path):

@@ -225,6 +225,40 @@ def _wrong_shape(state):
     state["model.mm_projector.2.bias"] = torch.zeros(state["model.mm_projector.2.bias"].shape[0] + 1)
 
 
+def _edit_index(fn):
+    def damage(path):
+        _two_shards(path)
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        fn(index, path)
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return damage
+
+
+def _shard_moved_outside(index, path):
+    """The first shard moved next to the folder and the index pointing at it with `../`."""
+    (path.parent / "other").mkdir()
+    shutil.move(path / "model-00001-of-00002.safetensors", path.parent / "other")
+    index["weight_map"] = {k: ("../other/" + v if v.startswith("model-00001") else v)
+                           for k, v in index["weight_map"].items()}
+
+
+def _shard_absolute(index, path):
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = str(path / index["weight_map"][first])
+
+
+def _torch_bin(obj):
+    def damage(path):
+        state = load_file(str(path / "model.safetensors"))
+        torch.save(obj(state), path / "pytorch_model.bin")
+        (path / "model.safetensors").unlink()
+    return damage
+
+
+def _set(key, value):
+    return lambda p: _edit_config(p, lambda c: c.update({key: value}))
+
+
 BAD_FOLDERS = {
     "no_config": (lambda p: (p / "config.json").unlink(), CheckpointError, r"no config\.json"),
     "invalid_json": (lambda p: (p / "config.json").write_text("{\"d_model\": 128,"), ConfigError, "not valid JSON"),
@@ -239,6 +273,41 @@ BAD_FOLDERS = {
     "wrong_shape": (lambda p: _edit_weights(p, _wrong_shape), CheckpointError,
                     r"wrong shape, e\.g\. model\.mm_projector\.2\.bias is \(129,\), model expects \(128,\)"),
     "no_tokenizer": (lambda p: (p / "tokenizer.json").unlink(), CheckpointError, "no tokenizer"),
+    "config_is_a_list": (lambda p: (p / "config.json").write_text("[1, 2]"), ConfigError,
+                         r"config\.json must hold a JSON object \(key: value\), not a list"),
+    "config_not_utf8": (lambda p: (p / "config.json").write_bytes(b'{"d_model": "\xff"}'), ConfigError,
+                        r"config\.json is not UTF-8 text"),
+    "weight_map_is_a_list": (_edit_index(lambda i, p: i.update(weight_map=list(i["weight_map"].values()))),
+                             CheckpointError, "'weight_map' must be a non-empty object"),
+    "shard_name_not_a_string": (_edit_index(lambda i, p: i["weight_map"].update({"model.image_newline": 5})),
+                                CheckpointError, "shard of 'model.image_newline' must be a file name, got 5"),
+    "shard_outside_folder": (_edit_index(_shard_moved_outside), CheckpointError,
+                             r"points outside the checkpoint folder: '\.\./other/model-00001-of-00002"),
+    "shard_absolute_path": (_edit_index(_shard_absolute), CheckpointError, "points outside the checkpoint folder"),
+    "bin_bare_tensor": (_torch_bin(lambda s: torch.zeros(3)), CheckpointError,
+                        r"pytorch_model\.bin holds a Tensor, not a dict"),
+    "bin_non_tensor_value": (_torch_bin(lambda s: {**s, "model.image_newline": 3}), CheckpointError,
+                             r"entry 'model\.image_newline' is not a tensor \(int\)"),
+    "integer_tensor": (lambda p: _edit_weights(p, lambda s: s.update({"model.image_newline": torch.zeros(
+        s["model.image_newline"].shape, dtype=torch.int64)})), CheckpointError,
+        r"1 weight\(s\) are not floating point, e\.g\. model\.image_newline is I64"),
+    "vision_config_non_numeric": (lambda p: _edit_config(p, lambda c: c["vision_config"].update(hidden_size="big")),
+                                  ConfigError, "vision_config.hidden_size must be a positive integer, got 'big'"),
+    "vision_config_unknown_activation": (
+        lambda p: _edit_config(p, lambda c: c["vision_config"].update(hidden_act="wiggle")),
+        ConfigError, "vision_config.hidden_act 'wiggle' is not an activation"),
+    "pinpoint_one_number": (_set("image_grid_pinpoints", [[384]]), ConfigError,
+                            r"'image_grid_pinpoints' must be a non-empty list of \[width, height\]"),
+    "pinpoint_not_whole_tiles": (_set("image_grid_pinpoints", [[500, 384]]), ConfigError,
+                                 r"\[500, 384\] is not a whole number of 384 px tiles"),
+    "pinpoints_bad_string": (_set("image_grid_pinpoints", "(1x1),...,(6x6)"), ConfigError,
+                             "'image_grid_pinpoints' '\\(1x1\\)"),
+    "rope_theta_string": (_set("rope_theta", "abc"), ConfigError,
+                          r"config\.json: config key 'rope_theta' must be a positive number, got 'abc'"),
+    "max_length_zero": (_set("tokenizer_model_max_length", 0), ConfigError,
+                        "'tokenizer_model_max_length' must be a positive integer, got 0"),
+    "max_length_negative": (_set("tokenizer_model_max_length", -5), ConfigError, "tokenizer_model_max_length"),
+    "mm_hidden_size_float": (_set("mm_hidden_size", 64.5), ConfigError, "'mm_hidden_size' must be a positive integer"),
 }
 
 
@@ -250,6 +319,17 @@ def test_bad_checkpoint_folder(case, ckpt, tmp_path):
     with pytest.raises(error, match=message):
         load_pretrained_model(ckpt)
     assert tree(tmp_path) == before  # nothing written, nothing removed
+
+
+def test_symlinked_shard_inside_the_folder_loads(small_model, ckpt, tmp_path):
+    """Only the index's text is checked: a hub-cache style shard symlinked to a blob elsewhere still loads."""
+    _two_shards(ckpt)
+    blob = tmp_path / "blobs" / "abc123"
+    blob.parent.mkdir()
+    shutil.move(ckpt / "model-00001-of-00002.safetensors", blob)
+    (ckpt / "model-00001-of-00002.safetensors").symlink_to(blob)
+    _, model2, _, _ = load_pretrained_model(ckpt)
+    assert_same_weights(small_model[1], model2)
 
 
 def test_missing_folder(tmp_path):

@@ -10,11 +10,11 @@ from PIL import Image
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import build_prompt
-from llava.errors import InputError
+from llava.errors import ConfigError, InputError
 from llava.mm_utils import process_anyres_image, tokenizer_image_token
 from llava.model.builder import small_model_config
 from llava.model.language_model.llava_llada import LlavaLLaDAConfig, LlavaLLaDAForCausalLM
-from llava.model.llava_arch import POOL_ENV, VisualTokens, resolve_pooling
+from llava.model.llava_arch import POOL_ENV, MultimodalConfig, VisualTokens, resolve_pooling
 from shirg_patches import REGISTRY
 
 
@@ -218,18 +218,63 @@ def test_prepare_inputs_embeds_splices_images(small_model):
 
 
 @pytest.mark.shapes
-def test_prepare_inputs_embeds_truncates_with_warning(small_model, monkeypatch, caplog):
+def test_prepare_inputs_embeds_truncates_text_with_warning(small_model, monkeypatch, caplog):
     _, model = small_model
     d = model.config.llada.d_model
-    monkeypatch.setattr(model.mm_config, "tokenizer_model_max_length", 6)
-    ids = [0, 11, IMAGE_TOKEN_INDEX, 12, IMAGE_TOKEN_INDEX, 13]
+    monkeypatch.setattr(model.mm_config, "tokenizer_model_max_length", 11)
+    ids = [0, 11, IMAGE_TOKEN_INDEX, 12, IMAGE_TOKEN_INDEX, 13, 14, 15]
     a, b = visual(5, d, 1), visual(2, d, 2)
     with caplog.at_level(logging.WARNING, logger="llava"), torch.no_grad():
         embeds, spans = model.prepare_inputs_embeds(ids, [a, b])
-    assert embeds.shape[1] == 6
-    assert spans == [(2, 6)]  # first image cut short, second dropped entirely
-    assert torch.equal(embeds[0, 2:6], a.tokens[:4])
-    assert any("truncated" in r.getMessage() and "6" in r.getMessage() for r in caplog.records)
+    assert embeds.shape[1] == 11
+    assert spans == [(2, 7), (8, 10)]  # both images whole; only the trailing text is cut
+    assert torch.equal(embeds[0, 2:7], a.tokens) and torch.equal(embeds[0, 8:10], b.tokens)
+    assert any("truncated" in r.getMessage() and "11" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("limit", [6, 9, 2])  # cuts the first image / the second image / drops both
+def test_prepare_inputs_embeds_refuses_to_cut_image_tokens(small_model, monkeypatch, limit):
+    """Upstream cuts silently; here the LM would see fewer visual tokens than reported, so it is an error."""
+    _, model = small_model
+    d = model.config.llada.d_model
+    monkeypatch.setattr(model.mm_config, "tokenizer_model_max_length", limit)
+    ids = [0, 11, IMAGE_TOKEN_INDEX, 12, IMAGE_TOKEN_INDEX, 13]
+    with pytest.raises(InputError, match=rf"prompt is 11 tokens \(7 of them visual\) .* is {limit}: truncating "
+                                         "would cut into the image tokens"):
+        model.prepare_inputs_embeds(ids, [visual(5, d, 1), visual(2, d, 2)])
+
+
+def test_generate_refuses_a_limit_that_cuts_the_image(small_tokenizer):
+    """Through `generate`: tokenizer_model_max_length 300 < the 1008 pooled tokens of a square HD image."""
+    model = build_variant(small_tokenizer, tokenizer_model_max_length=300)
+    ids = tokenizer_image_token(build_prompt("What is it?"), small_tokenizer)
+    with pytest.raises(InputError, match=r"\(1008 of them visual\).*tokenizer_model_max_length is 300"):
+        model.generate(ids, [noise_image((768, 768))], prune_method="pool", gen_length=4, block_length=4)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("tokenizer_model_max_length", 0, "'tokenizer_model_max_length' must be a positive integer, got 0"),
+    ("tokenizer_model_max_length", -1, "'tokenizer_model_max_length' must be a positive integer, got -1"),
+    ("tokenizer_model_max_length", "4096", "'tokenizer_model_max_length' must be a positive integer"),
+    ("mm_hidden_size", True, "'mm_hidden_size' must be a positive integer"),
+    ("mm_projector_type", 2, "'mm_projector_type' must be a string"),
+    ("mm_2d_pool", "yes", "'mm_2d_pool' must be true, false or null"),
+    ("vision_config", [64], "'vision_config' must be an object"),
+    ("image_grid_pinpoints", [[384]], r"'image_grid_pinpoints' must be a non-empty list of \[width, height\]"),
+    ("image_grid_pinpoints", [[384, 0]], "'image_grid_pinpoints'"),
+    ("image_grid_pinpoints", [], "'image_grid_pinpoints'"),
+    ("image_grid_pinpoints", 384, "'image_grid_pinpoints'"),
+    ("image_grid_pinpoints", "[(384, 768),", "'image_grid_pinpoints'"),
+])
+def test_multimodal_config_values_checked_at_load(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        MultimodalConfig.from_dict({key: value})
+
+
+def test_pinpoints_as_upstream_string_and_integral_floats():
+    assert MultimodalConfig.from_dict({"image_grid_pinpoints": "[(384, 768), (768, 768)]"}).image_grid_pinpoints \
+        == [(384, 768), (768, 768)]
+    assert MultimodalConfig.from_dict({"image_grid_pinpoints": [[768.0, 384]]}).image_grid_pinpoints == [(768, 384)]
 
 
 def test_prepare_inputs_embeds_count_mismatch(small_model):

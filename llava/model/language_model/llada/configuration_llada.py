@@ -7,6 +7,7 @@ from the JSON, and the optional ones default to the published LLaDA-8B values.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -31,6 +32,10 @@ SUPPORTED_VALUES = {
 }
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class LLaDAConfig:
     d_model: int
@@ -53,10 +58,20 @@ class LLaDAConfig:
             self.n_kv_heads = self.n_heads
         if self.embedding_size is None:
             self.embedding_size = self.vocab_size
-        for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size"):
+        for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
+                    "embedding_size", "max_sequence_length"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigError(f"config key {key!r} must be a positive integer, got {value!r}")
+        for key in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"config key {key!r} must be a positive number, got {value!r}")
+        for key in ("mask_token_id", "eos_token_id", "pad_token_id"):
+            if not _is_int(getattr(self, key)):
+                raise ConfigError(f"config key {key!r} must be an integer token id, got {getattr(self, key)!r}")
+        if not isinstance(self.weight_tying, bool):
+            raise ConfigError(f"config key 'weight_tying' must be true or false, got {self.weight_tying!r}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -77,7 +92,10 @@ class LLaDAConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LLaDAConfig":
         """Build from a config.json dict. Unknown keys are ignored because the LaViDa config.json also
-        holds the multimodal keys; keys that would select an unimplemented architecture are rejected."""
+        holds the multimodal keys; keys that would select an unimplemented architecture are rejected,
+        and every kept key is type-checked here, once, naming the key."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"config must be a JSON object (key: value), got {type(d).__name__}")
         missing = [k for k in REQUIRED_KEYS if d.get(k) is None]
         if missing:
             raise ConfigError(f"config is missing required key(s): {', '.join(missing)}")

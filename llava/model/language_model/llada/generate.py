@@ -8,6 +8,7 @@ runs only the L response slots; without it each step re-runs [prompt; response] 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -43,9 +44,29 @@ def _check_schedule(schedule: Optional[str], schedule_kwargs: Optional[dict]) ->
     unknown = sorted(set(kwargs) - {"shift"})
     if unknown:
         raise InputError(f"unknown schedule option(s) {', '.join(unknown)}; only 'shift' is supported")
-    if "shift" in kwargs and not (isinstance(kwargs["shift"], (int, float)) and kwargs["shift"] > 0):
-        raise InputError(f"schedule option shift must be a positive number, got {kwargs['shift']!r}")
+    shift = kwargs.get("shift", 1.0)
+    if not _finite_number(shift) or shift <= 0:
+        raise InputError(f"--shift must be a positive finite number, got {kwargs['shift']!r}")
     return kwargs
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_sampling(
+    temperature: float, remasking: str, schedule: Optional[str] = None, schedule_kwargs: Optional[dict] = None
+) -> tuple[str, dict]:
+    """Validate the sampler's options (the CLI calls this before loading the model); returns the canonical
+    remasking name and the schedule options. A NaN or infinite temperature would make every Gumbel-max
+    score NaN and the answer silently empty."""
+    if not _finite_number(temperature) or temperature < 0:
+        raise InputError(f"--temperature must be a finite number >= 0, got {temperature!r}")
+    schedule_kwargs = _check_schedule(schedule, schedule_kwargs)
+    canonical = REMASKING_ALIASES.get(remasking, remasking)
+    if canonical not in REMASKING:
+        raise InputError(f"unknown remasking {remasking!r}; choose one of: {', '.join(REMASKING)}")
+    return canonical, schedule_kwargs
 
 
 def num_transfer_tokens(
@@ -199,12 +220,7 @@ def generate(
     draws are shared by the batch, so samples differ from batch-1 ones).
     """
     S = steps_per_block(gen_length, block_length, steps, step_per_block, step_ratio)
-    schedule_kwargs = _check_schedule(schedule, schedule_kwargs)
-    remasking = REMASKING_ALIASES.get(remasking, remasking)
-    if remasking not in REMASKING:
-        raise InputError(f"unknown remasking {remasking!r}; choose one of: {', '.join(REMASKING)}")
-    if temperature < 0:
-        raise InputError(f"--temperature must be >= 0, got {temperature}")
+    remasking, schedule_kwargs = check_sampling(temperature, remasking, schedule, schedule_kwargs)
     if prune_hook is not None and not prefix_cache:
         raise InputError("pruning inside the LM needs the prefix cache (prefix_cache=True)")
     mask_id = model.config.mask_token_id if mask_id is None else mask_id

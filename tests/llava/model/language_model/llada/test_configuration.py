@@ -70,3 +70,33 @@ def test_unsupported_values_rejected(key, value):
 def test_inconsistent_values_rejected(override, msg):
     with pytest.raises(ConfigError, match=msg):
         LLaDAConfig.from_dict({**TINY, **override})
+
+
+@pytest.mark.parametrize("override, msg", [
+    ({"rope_theta": "abc"}, "'rope_theta' must be a positive number, got 'abc'"),
+    ({"rope_theta": float("inf")}, "'rope_theta' must be a positive number"),
+    ({"rope_theta": 0}, "'rope_theta' must be a positive number"),
+    ({"rope_theta": True}, "'rope_theta' must be a positive number"),
+    ({"rms_norm_eps": "1e-5"}, "'rms_norm_eps' must be a positive number"),
+    ({"rms_norm_eps": float("nan")}, "'rms_norm_eps' must be a positive number"),
+    ({"d_model": 64.0}, "'d_model' must be a positive integer"),
+    ({"embedding_size": "128"}, "'embedding_size' must be a positive integer"),
+    ({"max_sequence_length": 0}, "'max_sequence_length' must be a positive integer"),
+    ({"mask_token_id": "96"}, "'mask_token_id' must be an integer token id"),
+    ({"eos_token_id": 95.5}, "'eos_token_id' must be an integer token id"),
+    ({"pad_token_id": [95]}, "'pad_token_id' must be an integer token id"),
+    ({"weight_tying": "false"}, "'weight_tying' must be true or false"),
+])
+def test_value_types_checked_at_load(override, msg):
+    with pytest.raises(ConfigError, match=msg):
+        LLaDAConfig.from_dict({**TINY, **override})
+
+
+@pytest.mark.parametrize("raw", [[1, 2], "d_model", 5, None])
+def test_config_must_be_an_object(raw):
+    with pytest.raises(ConfigError, match="config must be a JSON object"):
+        LLaDAConfig.from_dict(raw)
+
+
+def test_integer_rope_theta_is_a_number():
+    assert LLaDAConfig.from_dict({**TINY, "rope_theta": 10000}).rope_theta == 10000
