@@ -374,6 +374,117 @@ def write_csv(path: str, rows: list[Row], gpu: Gpu) -> None:
                         c.intensity, r.seconds * 1e3, r.bound, gpu.name])
 
 
+# ---------------------------------------------------------------------------------------------
+# Training memory per GPU (bf16 mixed precision as DeepSpeed runs it: bf16 weights and gradients,
+# fp32 master copy + AdamW m and v = 12 B per trainable parameter, complementary masking = 2 LM rows
+# per sample). Activations are what autograd keeps for the backward, in bf16:
+# * LLaDA block, per token: attn_norm in/out, q k v (fused attention keeps them + its output), the
+#   attention output, ff_norm in/out, gate, SiLU(gate), up, their product = 7·d + 4·mlp values. With
+#   gradient checkpointing only each block's input (d) is kept, plus one block recomputed in the backward.
+# * LM head: the objective computes logits on every position of both copies (2·T·vocab, transient).
+# * SigLIP (eager attention, fp32 softmax), per token per layer: LN1 in/out, q k v, attention output,
+#   LN2 in/out, fc1 out, GELU out = 8·h + 2·mlp values, plus per head a T×T fp32 softmax output and its
+#   bf16 copy. Kept for all 26 layers whenever the backward reaches the tower (full training, or LoRA
+#   inside it); the trainer checkpoints only the LLaDA blocks.
+
+
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights + 8-bit absmax per 64 + fp32 per 256 absmax (double quant)
+
+
+@dataclass(frozen=True)
+class TrainMode:
+    name: str
+    method: str  # prune method: its views and LM visual tokens
+    trainable: int
+    lm_linear_bytes: float  # bytes per weight of the LLaDA block linears (2 = bf16, NF4_BYTES = 4-bit)
+    vision_backward: bool
+    zero3: bool = True  # bitsandbytes 4-bit weights cannot be partitioned by ZeRO-3
+
+
+def shirg_lora_params(dims: ModelDims, r: int = 64) -> int:
+    """scripts/lora_shirg.yaml: SigLIP layers 0-3 q/k/v, 4-5 q/k, projector .0 and .2, rank r."""
+    h, p = dims.vision.hidden, dims.projector
+    return 16 * r * (h + h) + r * (p.d_in + p.hidden) + r * (p.hidden + p.d_out)
+
+
+def model_params(dims: ModelDims) -> int:
+    """Everything the trainer can train: SigLIP (26 layers, no post_layernorm), projector, LLaDA, image_newline."""
+    return dims.vision.params() + dims.projector.params() + dims.lm.params() + dims.lm.d_model
+
+
+def lm_linear_params(dims: ModelDims) -> int:
+    return dims.lm.layers * (dims.lm.layer_params() - 2 * dims.lm.d_model)
+
+
+def train_modes(dims: ModelDims) -> list[TrainMode]:
+    lora = shirg_lora_params(dims)
+    return [TrainMode("full (pool)", "pool", model_params(dims), 2, True),
+            TrainMode("LoRA (shirg)", "shirg", lora, 2, True),
+            TrainMode("LoRA+4bit (shirg)", "shirg", lora, NF4_BYTES, True, zero3=False)]
+
+
+def train_activation_bytes(dims: ModelDims, method: Method, text_tokens: int, answer_tokens: int,
+                           checkpointing: bool, vision_backward: bool = True) -> dict[str, float]:
+    """Activation bytes kept for the backward of ONE sample: LM body, LM head logits, SigLIP."""
+    lm, v, b = dims.lm, dims.vision, dims.dtype_bytes
+    rows = 2 * (method.lm_visual_tokens + text_tokens + answer_tokens)
+    block = (7 * lm.d_model + 4 * lm.mlp) * b
+    body = rows * (lm.layers * lm.d_model * b + block) if checkpointing else rows * lm.layers * block
+    head = rows * lm.vocab * b
+    vision = 0.0
+    if vision_backward:
+        for views, side in method.tower_calls:
+            t = v.tokens(side)
+            per_layer = t * (8 * v.hidden + 2 * v.mlp) * b + v.heads * t * t * (v.score_bytes + b)
+            vision += views * v.layers * per_layer
+    return {"lm": body, "head": head, "vision": vision, "total": body + head + vision}
+
+
+def train_memory_rows(dims: ModelDims, world: int = 8, micro_batch: int = 4, text_tokens: int = 60,
+                      answer_tokens: int = 64) -> list[dict]:
+    """Per-GPU bytes for each training mode: weights, gradients + optimizer, activations, ZeRO-2 / ZeRO-3."""
+    methods = registry_methods()
+    total_params = model_params(dims)
+    rows = []
+    for mode in train_modes(dims):
+        linear = lm_linear_params(dims)
+        weights = (total_params - linear) * 2 + linear * mode.lm_linear_bytes
+        grads, optim = 2 * mode.trainable, 12 * mode.trainable
+        method = methods[mode.method]
+        act = {ck: train_activation_bytes(dims, method, text_tokens, answer_tokens, ck, mode.vision_backward)
+               for ck in (False, True)}
+        gathered = 2 * max(dims.lm.vocab * dims.lm.d_model, dims.lm.layer_params())  # ZeRO-3's largest module
+        batch_act = micro_batch * act[True]["total"]
+        zero2 = weights + (grads + optim) / world + batch_act
+        zero3 = (weights + grads + optim) / world + gathered + batch_act if mode.zero3 else None
+        rows.append({"mode": mode.name, "method": mode.method, "trainable": mode.trainable,
+                     "params": total_params, "weights": weights, "grads": grads, "optimizer": optim,
+                     "act_ckpt": act[True], "act_full": act[False], "zero2": zero2, "zero3": zero3,
+                     "world": world, "micro_batch": micro_batch})
+    return rows
+
+
+def format_train_memory(rows: list[dict], gpu_bytes: float = 80e9) -> str:
+    g = 1e9
+    r0 = rows[0]
+    head = (f"Training memory per GPU at LaViDa-8B dims ({r0['params'] / 1e9:.3f} B parameters), bf16 weights/grads, "
+            f"fp32 AdamW state (12 B per trainable), {r0['world']} GPUs, micro-batch {r0['micro_batch']} with "
+            "gradient checkpointing on the LLaDA blocks; GB = 1e9 bytes")
+    cols = f"{'mode':<19}{'trainable':>15}{'weights':>9}{'grad+opt':>10}{'act/sample':>12}{'act/s ckpt':>12}" \
+           f"{'  of which vision':>18}{'ZeRO-2/GPU':>12}{'ZeRO-3/GPU':>12}"
+    lines = [head, cols]
+    for r in rows:
+        z3 = "n/a" if r["zero3"] is None else f"{r['zero3'] / g:.1f}"
+        fits = lambda x: "" if x is None or x <= gpu_bytes else "!"  # noqa: E731
+        lines.append(f"{r['mode']:<19}{r['trainable']:>15,}{r['weights'] / g:>9.1f}"
+                     f"{(r['grads'] + r['optimizer']) / g:>10.1f}{r['act_full']['total'] / g:>12.1f}"
+                     f"{r['act_ckpt']['total'] / g:>12.1f}{r['act_ckpt']['vision'] / g:>18.1f}"
+                     f"{r['zero2'] / g:>11.1f}{fits(r['zero2']) or ' '}{z3:>11}{fits(r['zero3']) or ' '}")
+    lines.append(f"! = over {gpu_bytes / g:.0f} GB. act/sample includes the transient full-vocab logits of both "
+                 "copies; ZeRO-3 adds the largest gathered module (the 126k x 4096 LM head).")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llava.eval.costmodel", description=__doc__.split("\n")[0])
     ap.add_argument("--gen-length", type=int, default=32, help="response slots Q (README speed setting: 32)")
@@ -384,7 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     methods = registry_methods()
     ap.add_argument("--methods", default="pool,full,shirg", help=f"comma list of {', '.join(methods)}")
     ap.add_argument("--csv", metavar="PATH", help="also write every row to this CSV file")
+    ap.add_argument("--train", action="store_true", help="only the training-memory table (8 x 80 GB)")
     args = ap.parse_args(argv)
+    if args.train:
+        print(format_train_memory(train_memory_rows(ModelDims(), text_tokens=args.text_tokens)))
+        return 0
 
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     unknown = [n for n in names if n not in methods]

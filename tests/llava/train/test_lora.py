@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llava.errors import ConfigError
+from llava.eval import costmodel
 from llava.model.builder import SMALL_MODEL_NAME, load_pretrained_model
 from llava.train.lora import (
     ADAPTER_CONFIG,
@@ -73,6 +74,10 @@ def test_trainable_count_at_lavida_8b_dims_on_meta():
     assert 8.4e9 < got["total"] < 8.5e9
     full = count_trainable_at_lavida_dims(None, [p for ps in TUNABLE_PARTS.values() for p in ps])
     assert full["trainable"] == full["non_lora"] == full["total"]
+    # the cost model's training-memory table counts the same (post_layernorm is frozen: LaViDa never uses it)
+    dims = costmodel.ModelDims()
+    assert costmodel.shirg_lora_params(dims) == expected
+    assert costmodel.model_params(dims) == full["total"] - 2 * vis
 
 
 # ---- the adapter folder --------------------------------------------------------------------------------------------
