@@ -348,7 +348,7 @@ class DataCollatorForSupervisedDataset:
         labels = [it["labels"][: self.model_max_length] for it in items]
         key = [self.seed, int(items[0].get("epoch", 0)), *(int(it.get("index", 0)) for it in items)]
         low, high = self.extra_pad_range
-        extra = max(int(np.random.default_rng(key).integers(low, high)), 0)
+        extra = max(int(np.random.default_rng(key).integers(low, high)), 0) if high > low else 0
         length = max(len(x) for x in ids) + extra
         input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
         out_labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
