@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 IMAGE ?= playground/images/demo.png
 QUESTION ?= What is the value of the tallest bar?
 
-.PHONY: install demo test test-shapes bench costmodel clean
+.PHONY: install demo test test-shapes bench bench-train costmodel clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test-shapes: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m llava.eval.bench
 	$(PY) -m llava.eval.bench --load
+	$(PY) -m llava.eval.bench --train
+
+bench-train: $(STAMP)
+	$(PY) -m llava.eval.bench --train
 
 costmodel: $(STAMP)
 	$(PY) -m llava.eval.costmodel

@@ -24,6 +24,11 @@ numbers depend on the machine. Read the CPU ratios against `python -m llava.eval
 `--load` runs only a separate memory benchmark instead: a ~0.85 GB model is saved sharded
 (`--max-shard-size`, default 200MB) and as one file, and each is loaded in a fresh process
 whose peak RSS growth is compared with the weights' size on disk. `make bench` runs both.
+
+`--train` runs only the training benchmark: on the small model, training steps (forward + backward + AdamW, the
+trainer's own engine, bundled data, micro-batch 2) for full LaViDa-style training (pool), the SHIRG LoRA stage
+and LoRA with the LM in 4-bit, each in a fresh process: samples/s and peak RSS growth over the process before
+the model was built; then the cost model's per-GPU training memory at the real LaViDa-8B dims.
 """
 from __future__ import annotations
 
@@ -246,6 +251,74 @@ def bench_load(shard_sizes: Sequence[str]) -> str:
     return "\n".join(rows)
 
 
+TRAIN_MODES = {
+    # name: (trainer flags, what it is)
+    "full": (["--prune_method", "pool"], "full (pool)"),
+    "lora": (["--prune_method", "shirg", "--lora_enable", "True"], "LoRA (shirg)"),
+    "lora4": (["--prune_method", "shirg", "--lora_enable", "True", "--bits", "4"], "LoRA+4bit (shirg)"),
+}
+
+
+def train_child(mode: str, steps: int, batch: int) -> None:
+    """One mode in this (fresh) process: 1 warm-up + `steps` timed optimizer steps; prints a JSON line."""
+    import json
+    import resource
+
+    from llava.train.data import DataCollatorForSupervisedDataset, LazySupervisedDataset
+    from llava.train.train import (
+        Dist,
+        TorchEngine,
+        TrainStep,
+        count_parameters,
+        load_model_for_training,
+        make_optimizer,
+        micro_seed,
+        parse_args,
+        validate_args,
+    )
+
+    data = "playground/data/train.json"
+    margs, dargs, targs = parse_args(["--data_path", data, "--image_folder", "playground/data", "--output_dir",
+                                      "unused", "--per_device_train_batch_size", str(batch),
+                                      "--learning_rate", "1e-4", *TRAIN_MODES[mode][0]])
+    method, options, spec, parts = validate_args(margs, dargs, targs)
+    scale = 1 if sys.platform == "darwin" else 1024
+    baseline = _rss_bytes("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    setup = load_model_for_training(margs, targs, method, options, spec, parts, torch.device("cpu"))
+    dataset = LazySupervisedDataset(data, setup.tokenizer, "playground/data", targs.model_max_length)
+    collate = DataCollatorForSupervisedDataset(setup.tokenizer.pad_token_id, targs.model_max_length)
+    optimizer, scheduler, _ = make_optimizer(setup.model, targs, steps + 1)
+    engine = TorchEngine(TrainStep(setup.model, method, options, targs.token_dropout), optimizer, scheduler, targs,
+                         Dist(), 1)
+    seconds = []
+    for step in range(steps + 1):
+        batch_items = collate([dataset[(step * batch + i) % len(dataset)] for i in range(batch)])
+        start = time.perf_counter()
+        engine.micro_step(batch_items, torch.Generator().manual_seed(micro_seed(0, step, 0)), last=True)
+        engine.optimizer_step()
+        seconds.append(time.perf_counter() - start)
+    peak = _rss_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    trainable, total = count_parameters(setup.model)
+    print(json.dumps({"seconds": statistics.median(seconds[1:]), "batch": batch, "growth": peak - baseline,
+                      "trainable": trainable, "total": total}))
+
+
+def bench_train(steps: int, batch: int) -> str:
+    import json
+    import subprocess
+
+    rows = [f"{'mode':<19}{'trainable':>12}{'of':>12}{'step s':>9}{'samples/s':>11}{'peak RSS growth MB':>20}"]
+    for mode, (_, label) in TRAIN_MODES.items():
+        child = subprocess.run([sys.executable, "-m", "llava.eval.bench", "--train-child", mode, "--train-steps",
+                                str(steps), "--train-batch", str(batch)], capture_output=True, text=True)
+        if child.returncode:
+            raise RuntimeError(f"training benchmark {mode} failed:\n{child.stderr[-2000:]}")
+        r = json.loads(child.stdout.strip().splitlines()[-1])
+        rows.append(f"{label:<19}{r['trainable']:>12,}{r['total']:>12,}{r['seconds']:>9.2f}"
+                    f"{r['batch'] / r['seconds']:>11.2f}{r['growth'] / 1e6:>20.0f}")
+    return "\n".join(rows)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llava.eval.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--image", default=str(DEFAULT_IMAGE))
@@ -258,9 +331,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="only the checkpoint-loading memory benchmark (peak RSS vs weights on disk)")
     p.add_argument("--max-shard-size", default="200MB", help="shard size of the --load checkpoint")
     p.add_argument("--load-child", help=argparse.SUPPRESS)
+    p.add_argument("--train", action="store_true",
+                   help="only the training benchmark (small model: full, LoRA, LoRA+4bit; 8B-dim memory model)")
+    p.add_argument("--train-steps", type=int, default=3, help="timed training steps per mode (after 1 warm-up)")
+    p.add_argument("--train-batch", type=int, default=2, help="micro-batch of the training benchmark")
+    p.add_argument("--train-child", choices=sorted(TRAIN_MODES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.load_child:
         load_child(args.load_child)
+        return 0
+    if args.train_child:
+        train_child(args.train_child, args.train_steps, args.train_batch)
+        return 0
+    if args.train:
+        from llava.eval.costmodel import ModelDims, format_train_memory, train_memory_rows
+
+        threads = torch.get_num_threads()
+        print(f"\n== training steps on the built-in small model: fp32, {threads} threads, micro-batch "
+              f"{args.train_batch}, median of {args.train_steps} steps after 1 warm-up, fresh process per row ==")
+        print(bench_train(args.train_steps, args.train_batch), flush=True)
+        print(f"\n== cost model ==\n{format_train_memory(train_memory_rows(ModelDims()))}")
         return 0
     if args.load:
         from llava.errors import InputError
