@@ -82,6 +82,7 @@ import math
 import os
 import statistics
 import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -516,6 +517,7 @@ class Evaluator:
         self.out = Path(args.out)
         suffix = f".rank{dist.rank}" if dist.world > 1 else ""
         self.pred_path = self.out / f"predictions{suffix}.jsonl"
+        self.answered, self.answer_seconds = 0, 0.0  # throughput of this run's generation calls
         self.lat_path = self.out / f"latency{suffix}.jsonl"
 
     # ---- models ----------------------------------------------------------------------------------
@@ -613,10 +615,13 @@ class Evaluator:
             if not batch:
                 return
             timers = [StageTimer(self.device) for _ in batch]
+            t0 = time.perf_counter()
             outs = model.generate_batch(
                 [p[1] for _, p in batch], [[p[0]] for _, p in batch], prune_method=system.method,
                 question_ids=[p[2] for _, p in batch], prune_options={**system.options, "seed": self.args.seed},
                 timers=timers, **settings.kwargs())
+            self.answer_seconds += time.perf_counter() - t0
+            self.answered += len(batch)
             for (unit, _), out, timer in zip(batch, outs, timers):
                 pred = decode_answer(tokenizer, out.tokens[0])
                 rec = base_record(unit) | {
@@ -1035,7 +1040,12 @@ def run(args) -> int:
                     "seed": args.seed, "split": args.split, "limit": args.limit, "data_root": str(args.data_root)}
         order = check_and_write_run_file(out, settings, systems, write=dist.rank == 0)
         dist.barrier()  # run.json written, partial lines of earlier runs repaired by their owners below
-        Evaluator(args, systems, datasets, dist, device).run()
+        evaluator = Evaluator(args, systems, datasets, dist, device)
+        evaluator.run()
+        if evaluator.answered:
+            print(f"rank {dist.rank}: {evaluator.answered} answers in {evaluator.answer_seconds:.1f} s of generation "
+                  f"({evaluator.answered / evaluator.answer_seconds:.2f} answers/s, batch {args.batch_size}, "
+                  "image decoding excluded)", file=sys.stderr)
         dist.barrier()
         if dist.rank == 0:
             rows = write_report(out, order)
