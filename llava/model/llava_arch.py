@@ -118,6 +118,12 @@ def parse_pinpoints(value: Any) -> list[tuple[int, int]]:
     return pinpoints
 
 
+@functools.lru_cache(maxsize=64)
+def _log_once(message: str) -> None:
+    """Log a pooling decision the first time it is made (a training run encodes thousands of images)."""
+    logger.info(message)
+
+
 def resolve_pooling(explicit: Optional[bool] = None, config_value: Optional[bool] = None) -> tuple[bool, str]:
     """Decide LaViDa's 2-D pooling, read at call time (upstream latches it at import).
 
@@ -282,7 +288,7 @@ class LlavaMetaForCausalLM:
         unpooled candidates (before the LM, or deferred to a prefill hook inside it)."""
         cfg, image = self.mm_config, request.image
         do_pool, reason = self._pooling_decision(method, request.pool)
-        logger.info(reason)
+        _log_once(reason)
 
         with timer("preprocess"):
             pixels = process_anyres_image(image, cfg.image_grid_pinpoints, self.model.vision_tower.image_size)

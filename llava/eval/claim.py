@@ -1,0 +1,125 @@
+"""SHIRG's claim, measured on the trained built-in model: `make results` (`python -m llava.eval.claim`).
+
+    python -m llava.eval.claim [--seed 0] [--images 75] [--out outputs/claim] [--readme README.md | --no-readme]
+
+1. writes the EntityGrid-QA test split (`--images` grid images x 4 questions; 75 -> 300 items) with the seeded
+   generator; `--seed` other than 0 gives images no model has seen in any form (the robustness check);
+2. evaluates every system below with `llava.eval.evaluate` on the trained model (`--model-path`, default the
+   committed `playground/models/lavida-tiny`), greedy, prefix cache on, short answers (`--gen-length 4`: every
+   EntityGrid answer is one word), batched;
+3. renders results.csv with `llava.eval.report` and writes the tables into README between the markers
+   `<!-- claim:seed<S>:begin -->` and `<!-- claim:seed<S>:end -->` (no number is typed by hand).
+
+Systems: every registered prune method but `lavida` (the flag-driven alias of pool / full), each at its
+defaults; SHIRG also with the saliency fovea and with its LoRA adapter (`--adapter`, the SHIRG training stage);
+then the keep-ratio ablation (0.40, 0.766, 0.80; 0.707 is the default row) and the score ablation (attn, sim,
+v2; v1 is the default row), both on SHIRG + LoRA, the form of the method the claim is about.
+`--quick` keeps pool, full, shirg and shirg+lora (for new-seed checks).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from llava.errors import InputError, LavidaError
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = ROOT / "playground" / "models" / "lavida-tiny"
+DEFAULT_ADAPTER = ROOT / "playground" / "models" / "lavida-tiny-shirg-lora"
+KEEP_RATIO_ABLATION = (0.40, 0.766, 0.80)
+SCORE_ABLATION = ("attn", "sim", "v2")
+ANSWER_SLOTS = 4
+
+
+def claim_systems(adapter: Path, quick: bool = False) -> list[str]:
+    """The `--systems` specs of llava.eval.evaluate, in table order."""
+    from shirg_patches import REGISTRY
+
+    lora = f"@{adapter}"
+    if quick:
+        return ["pool", "full", "shirg", f"shirg+lora=shirg{lora}"]
+    systems = [name for name in REGISTRY if name != "lavida"]
+    at = systems.index("shirg") + 1
+    systems[at:at] = ["shirg:fovea=saliency", f"shirg+lora=shirg{lora}"]
+    systems += [f"shirg+lora/keep{r}=shirg:keep_ratio={r}{lora}" for r in KEEP_RATIO_ABLATION]
+    systems += [f"shirg+lora/score-{s}=shirg:score={s}{lora}" for s in SCORE_ABLATION]
+    return systems
+
+
+def replace_between_markers(text: str, key: str, body: str) -> str:
+    """`text` with the block between `<!-- key:begin -->` and `<!-- key:end -->` replaced by `body` (the markers
+    are appended at the end when absent)."""
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text and text.index(begin) < text.index(end):
+        head, rest = text.split(begin, 1)
+        return head + block + rest.split(end, 1)[1]
+    if begin in text or end in text:
+        raise InputError(f"README has only one of the markers {begin} / {end}; fix it by hand")
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llava.eval.claim", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=0, help="EntityGrid test-split seed (0: the reference split)")
+    p.add_argument("--images", type=int, default=75, help="test images (4 questions each; default 75 -> 300 items)")
+    p.add_argument("--model-path", default=str(DEFAULT_MODEL))
+    p.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="SHIRG LoRA adapter folder")
+    p.add_argument("--out", default=None, help="output folder (default outputs/claim-seed<S>)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--latency-runs", type=int, default=5, help="timed runs per system (llava.eval.evaluate)")
+    p.add_argument("--quick", action="store_true", help="only pool, full, shirg, shirg+lora")
+    p.add_argument("--readme", default=str(ROOT / "README.md"), help="README to write the tables into")
+    p.add_argument("--no-readme", action="store_true", help="print the tables instead of writing README")
+    args = p.parse_args(argv)
+    try:
+        if args.images < 1:
+            raise InputError("--images must be >= 1")
+        for what, path in (("--model-path", args.model_path), ("--adapter", args.adapter)):
+            if not Path(path).is_dir():
+                raise InputError(f"{what} {path} is not a folder; run `make train-tiny` to create it")
+        return run(args)
+    except LavidaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from llava.eval import entitygrid, evaluate
+    from llava.eval.report import read_results, render_markdown
+    from llava.utils import atomic_file
+
+    out = Path(args.out or ROOT / "outputs" / f"claim-seed{args.seed}")
+    data_root = out / "data"
+    split = data_root / "entitygrid" / "test.json"
+    if not split.is_file():
+        stats = entitygrid.generate(data_root / "entitygrid", "test", args.images, seed=args.seed)
+        print(f"EntityGrid test split, seed {args.seed}: {stats['items']} items on {stats['images']} images")
+    systems = claim_systems(Path(args.adapter), args.quick)
+    code = evaluate.main([
+        "--systems", ",".join(systems), "--datasets", "entitygrid", "--data-root", str(data_root),
+        "--model-path", args.model_path, "--out", str(out / "eval"), "--gen-length", str(ANSWER_SLOTS),
+        "--batch-size", str(args.batch_size), "--latency-runs", str(args.latency_runs), "--latency-warmup", "1",
+        "--seed", "0",
+    ])
+    if code:
+        return code
+    tables = render_markdown(read_results(out / "eval"))
+    header = (f"EntityGrid-QA test split, seed {args.seed}: {args.images} images x 4 questions; model "
+              f"`{Path(args.model_path).name}`, SHIRG LoRA `{Path(args.adapter).name}`; generated by "
+              f"`python -m llava.eval.claim --seed {args.seed}{' --quick' if args.quick else ''}`.\n\n")
+    if args.no_readme:
+        sys.stdout.write(header + tables)
+        return 0
+    readme = Path(args.readme)
+    text = replace_between_markers(readme.read_text(encoding="utf-8"), f"claim:seed{args.seed}", header + tables)
+    with atomic_file(readme) as fh:
+        fh.write(text.encode("utf-8"))
+    print(f"wrote the tables into {readme} (markers claim:seed{args.seed})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

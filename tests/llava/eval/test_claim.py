@@ -1,0 +1,34 @@
+"""`make results` glue: the system list parses in the harness, README blocks are replaced in place."""
+from pathlib import Path
+
+import pytest
+
+from llava.errors import InputError
+from llava.eval.claim import KEEP_RATIO_ABLATION, SCORE_ABLATION, claim_systems, replace_between_markers
+from llava.eval.evaluate import parse_systems
+from shirg_patches import REGISTRY
+
+
+def test_claim_systems_cover_the_registry_and_ablations_and_parse():
+    specs = claim_systems(Path("/ckpt/lora"))
+    systems = parse_systems(",".join(specs))
+    labels = [s.label for s in systems]
+    assert set(REGISTRY) - {"lavida"} <= set(labels)
+    assert "shirg+lora" in labels and "shirg:fovea=saliency" in labels
+    assert len(labels) == len(set(labels))
+    ablation = [s for s in systems if s.label.startswith("shirg+lora/")]
+    assert len(ablation) == len(KEEP_RATIO_ABLATION) + len(SCORE_ABLATION)
+    assert all(str(s.adapter) == "/ckpt/lora" for s in ablation)
+    quick = [s.label for s in parse_systems(",".join(claim_systems(Path("/x"), quick=True)))]
+    assert quick == ["pool", "full", "shirg", "shirg+lora"]
+
+
+def test_replace_between_markers_in_place_and_append():
+    text = "intro\n<!-- claim:seed0:begin -->\nold\n<!-- claim:seed0:end -->\noutro\n"
+    new = replace_between_markers(text, "claim:seed0", "| a |\n")
+    assert new == "intro\n<!-- claim:seed0:begin -->\n| a |\n<!-- claim:seed0:end -->\noutro\n"
+    assert replace_between_markers(new, "claim:seed0", "| a |") == new  # idempotent
+    appended = replace_between_markers("intro\n", "claim:seed1", "t")
+    assert appended == "intro\n\n<!-- claim:seed1:begin -->\nt\n<!-- claim:seed1:end -->\n"
+    with pytest.raises(InputError, match="only one of the markers"):
+        replace_between_markers("<!-- claim:seed0:begin -->\n", "claim:seed0", "t")
