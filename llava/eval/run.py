@@ -21,13 +21,23 @@ import torch
 
 from llava.conversation import build_prompt
 from llava.errors import InputError, LavidaError
+from llava.eval.datasets import SHORT_ANSWER_SUFFIX
+from llava.eval.metrics import exact_match
 from llava.mm_utils import load_image, tokenizer_image_token
 from llava.model.builder import SMALL_MODEL_NAME, load_pretrained_model
 from llava.model.language_model.llada.generate import check_sampling, steps_per_block
 from llava.utils import StageTimer
 
-DEFAULT_IMAGE = Path(__file__).resolve().parents[2] / "playground" / "images" / "demo.png"
+PLAYGROUND = Path(__file__).resolve().parents[2] / "playground"
+DEFAULT_IMAGE = PLAYGROUND / "images" / "demo.png"
 DEFAULT_QUESTION = "What is the value of the tallest bar?"
+# The built-in model trained here on EntityGrid-QA (`make train-tiny`); the random-weight one stays available as
+# builtin:lavida-small (tests use it).
+TRAINED_MODEL = PLAYGROUND / "models" / "lavida-tiny"
+
+
+def default_model_path() -> str:
+    return str(TRAINED_MODEL) if (TRAINED_MODEL / "config.json").is_file() else SMALL_MODEL_NAME
 SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, what torch's generators (and the prune methods') take
 
 
@@ -37,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava.eval.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--image", default=str(DEFAULT_IMAGE), help="image file (default: bundled demo)")
     p.add_argument("--question", default=DEFAULT_QUESTION)
-    p.add_argument("--model-path", default=SMALL_MODEL_NAME, help=f"local LaViDa folder or {SMALL_MODEL_NAME}")
+    p.add_argument("--model-path", default=default_model_path(),
+                   help=f"local LaViDa folder or {SMALL_MODEL_NAME} (random weights); default: the trained built-in "
+                        f"model in {TRAINED_MODEL.relative_to(PLAYGROUND.parent)} when present")
+    p.add_argument("--short-answer", action="store_true",
+                   help="append the short-answer instruction to the prompt, as the evaluation harness and the "
+                        "trained built-in model do (SHIRG's text relevance still sees the question alone)")
+    p.add_argument("--expected", default=None, help="the expected answer: the report says whether it matched")
     p.add_argument("--model-base", "--model_base", default=None,
                    help="base model when --model-path is a LoRA adapter folder (merged at load)")
     p.add_argument("--prune_method", "--prune-method", default="lavida", choices=None,
@@ -147,7 +163,7 @@ def run(args) -> dict:
     with timer("preprocess"):
         image = load_image(args.image)
     tokenizer, model, _, _ = load_pretrained_model(args.model_path, args.model_base, device=device)
-    prompt = build_prompt(question)
+    prompt = build_prompt(f"{question}{SHORT_ANSWER_SUFFIX}" if args.short_answer else question)
     input_ids = tokenizer_image_token(prompt, tokenizer)
     question_ids = tokenizer(question, add_special_tokens=False).input_ids if question else None
     out = model.generate(
@@ -166,8 +182,11 @@ def run(args) -> dict:
     notes = plain_values(visual.info)
     if str(args.model_path) == SMALL_MODEL_NAME:
         notes["model"] = "built-in small model with random weights: the answer is noise, counts and timings are real"
+    expected = {} if args.expected is None else {
+        "expected": args.expected, "correct": bool(exact_match(answer, args.expected))}
     return {
         "answer": answer,
+        **expected,
         "visual_tokens": visual.lm_token_count,
         "prompt_tokens": out.prompt_length,
         "prune_method": method.name,
@@ -214,7 +233,8 @@ def plain_values(notes: dict) -> dict:
 
 
 def format_report(r: dict) -> str:
-    lines = [f"answer: {r['answer']!r}",
+    lines = [f"answer: {r['answer']!r}"
+             + (f"  (expected {r['expected']!r}: {'correct' if r['correct'] else 'wrong'})" if "expected" in r else ""),
              f"visual tokens: {r['visual_tokens']}  (method {r['prune_method']}, candidates {r['candidates']}, "
              f"prompt {r['prompt_tokens']} tokens, image {r['image_size'][0]}x{r['image_size'][1]})"]
     for k, v in r["notes"].items():
