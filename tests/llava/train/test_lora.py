@@ -159,7 +159,7 @@ def run_json(capsys, *argv):
 
 
 def test_run_cli_with_model_base(adapters, capsys):
-    base = run_json(capsys)
+    base = run_json(capsys, "--model-path", SMALL_MODEL_NAME)
     tuned = run_json(capsys, "--model-path", adapters["lora"], "--model-base", SMALL_MODEL_NAME)
     assert tuned["visual_tokens"] == base["visual_tokens"] == 980
     assert tuned["answer"] != base["answer"]
