@@ -23,7 +23,7 @@ numbers depend on the machine. Read the CPU ratios against `python -m llava.eval
 
 `--load` runs only a separate memory benchmark instead: a ~0.85 GB model is saved sharded
 (`--max-shard-size`, default 200MB) and as one file, and each is loaded in a fresh process
-whose peak RSS growth is compared with the weights' size on disk. `make bench` runs both.
+whose peak RSS growth is compared with the weights' size on disk. `make bench` runs all three modes.
 
 `--train` runs only the training benchmark: on the small model, training steps (forward + backward + AdamW, the
 trainer's own engine, bundled data, micro-batch 2) for full LaViDa-style training (pool), the SHIRG LoRA stage
