@@ -67,20 +67,28 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
         raise ImageError(f"image file not found: {path}")
     if not path.is_file():
         raise ImageError(f"not a file: {path}")
-    with warnings.catch_warnings():
+    # PIL's warnings while parsing (e.g. "Corrupt EXIF data", "Truncated File Read" from a damaged TIFF) are held
+    # back: after an error they would be extra stderr lines saying the same thing; on success they are re-issued.
+    with warnings.catch_warnings(record=True) as caught:
         # PIL warns above its own limit (~89 MP); ours (checked below) is the one that decides.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             with Image.open(path) as image:
                 _check_size(image.size, str(path), image.mode)
                 image.load()
-                return _to_rgb(image)
+                try:
+                    rgb = _to_rgb(image)
+                except ImageError as e:
+                    raise ImageError(f"{path}: {e}") from None
         except Image.DecompressionBombError:
             raise ImageError(f"{path}: image exceeds {MAX_IMAGE_PIXELS // 1_000_000} megapixels") from None
         except UnidentifiedImageError:
             raise ImageError(f"not an image or unsupported format: {path}") from None
         except _DECODE_ERRORS as e:
             raise ImageError(f"cannot decode {path}: {_decode_reason(e)}") from None
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return rgb
 
 
 def _decoded_bytes(size: tuple[int, int], mode: str) -> int:
@@ -108,11 +116,12 @@ def _check_size(size: tuple[int, int], name: str, mode: str = "RGB") -> None:
             f"{MAX_IMAGE_BYTES / 1e6:.0f} MB limit"
         )
     if min(width, height) < MIN_IMAGE_SIDE:
-        raise ImageError(f"image is {width}x{height} px; SigLIP needs at least {MIN_IMAGE_SIDE} px per side")
+        raise ImageError(f"{name}: image is {width}x{height} px; SigLIP needs at least {MIN_IMAGE_SIDE} px per side")
 
 
 def _decode_reason(error: Exception) -> str:
-    return "file is truncated" if "truncated" in str(error) else f"corrupt image data ({error})"
+    # PIL spells it several ways: "image file is truncated", "Truncated File Read", "truncated PNG chunk"
+    return "file is truncated" if "truncated" in str(error).lower() else f"corrupt image data ({error})"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

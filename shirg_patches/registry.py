@@ -9,6 +9,7 @@ for the whole answer.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
@@ -39,13 +40,17 @@ class MethodOptions:
     def budget_for(self, candidates: int) -> int:
         raise InputError(f"{type(self).__name__} declares no token budget")
 
+    def budget_note(self, candidates: int) -> Optional[str]:
+        """A line for the report when `budget_for` did not keep what the options say (e.g. a clamped default)."""
+        return None
+
     def describe(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def specs(cls) -> list["OptionSpec"]:
         hints = typing.get_type_hints(cls)
-        return [OptionSpec(f.name, f.metadata.get("flag") or f.name, hints[f.name], f.default,
+        return [OptionSpec(f.name, f.metadata.get("flag") or f.name, _plain_type(hints[f.name]), f.default,
                            f.metadata.get("help", ""), f.metadata.get("choices"))
                 for f in dataclasses.fields(cls)]
 
@@ -77,16 +82,37 @@ class NoOptions(MethodOptions):
 class BudgetOptions(MethodOptions):
     """Options of methods that prune LaViDa's unpooled any-res tokens to a fixed count."""
 
-    budget: int = option(TOKEN_BUDGET, "tokens kept by pruning baselines (default: SHIRG's count)")
+    # None: SHIRG's count (TOKEN_BUDGET), or every candidate of an image that has fewer (said in the report)
+    budget: Optional[int] = option(None, f"tokens kept by pruning baselines (default: SHIRG's count, {TOKEN_BUDGET}, "
+                                         "or every candidate when an image has fewer)")
 
     def validate(self) -> None:
+        if self.budget is None:
+            return
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             raise InputError(f"--budget must be at least 1, got {self.budget}")
 
     def budget_for(self, candidates: int) -> int:
+        if self.budget is None:
+            return min(TOKEN_BUDGET, candidates)
         if self.budget > candidates:  # the upper bound depends on the image, so it is checked here
-            raise InputError(f"--budget {self.budget} must be between 1 and the {candidates} candidate tokens")
+            raise InputError(f"--budget {self.budget} must be between 1 and the {candidates} candidate tokens "
+                             "of this image; give a smaller --budget, or leave it out to keep up to "
+                             f"{TOKEN_BUDGET}")
         return self.budget
+
+    def budget_note(self, candidates: int) -> Optional[str]:
+        if self.budget is None and candidates < TOKEN_BUDGET:
+            return (f"the default budget {TOKEN_BUDGET} is more than this image's {candidates} candidate tokens, "
+                    f"so all {candidates} are kept (give --budget to keep fewer)")
+        return None
+
+
+def _plain_type(hint):
+    """`Optional[X]` -> X: the type a flag's text is parsed into (None is the flag left out)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return args[0] if union and len(args) == 1 else hint
 
 
 # ---- methods ------------------------------------------------------------------------------------

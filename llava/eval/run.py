@@ -25,7 +25,13 @@ from llava.eval.datasets import SHORT_ANSWER_SUFFIX
 from llava.eval.metrics import exact_match
 from llava.mm_utils import load_image, tokenizer_image_token
 from llava.model.builder import SMALL_MODEL_NAME, load_pretrained_model
-from llava.model.language_model.llada.generate import check_sampling, steps_per_block
+from llava.model.language_model.llada.generate import (
+    SCHEDULES,
+    canonical_schedule,
+    check_sampling,
+    default_block_length,
+    steps_per_block,
+)
 from llava.utils import StageTimer
 
 PLAYGROUND = Path(__file__).resolve().parents[2] / "playground"
@@ -41,10 +47,18 @@ def default_model_path() -> str:
 SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, what torch's generators (and the prune methods') take
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one `error: ...` line on stderr (exit 2) like every other input error,
+    not the usage block plus the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from shirg_patches import REGISTRY
 
-    p = argparse.ArgumentParser(prog="python -m llava.eval.run", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m llava.eval.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--image", default=str(DEFAULT_IMAGE), help="image file (default: bundled demo)")
     p.add_argument("--question", default=DEFAULT_QUESTION)
     p.add_argument("--model-path", default=default_model_path(),
@@ -64,10 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pooling off (3699 tokens for a square image)")
     g = p.add_argument_group("diffusion sampler")
     g.add_argument("--gen-length", type=int, default=32, help="answer slots L")
-    g.add_argument("--block-length", type=int, default=None, help="default: min(128, gen-length)")
+    g.add_argument("--block-length", type=int, default=None, help="default: min(128, gen-length), which must divide it")
     g.add_argument("--steps", type=int, default=None, help="total diffusion steps (default: gen-length)")
-    g.add_argument("--schedule", default=None, help="None/linear/shift/cosine/logit_normal")
-    g.add_argument("--shift", type=float, default=None, help="alpha for --schedule shift (default 3)")
+    g.add_argument("--schedule", default=None,
+                   help=f"unmask-count schedule: none (the even split, default), {', '.join(SCHEDULES)}")
+    g.add_argument("--shift", type=float, default=None, help="alpha of --schedule shift (default 3); only with it")
     g.add_argument("--remasking", default="low_confidence", help="low_confidence/random/entropy/margin")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
@@ -110,10 +125,10 @@ def add_method_option_flags(parser: argparse.ArgumentParser) -> None:
         applies = f" (methods: {', '.join(methods)})" if len(methods) > 1 else ""
         dashed = flag.replace("_", "-")
         names = [f"--{flag}"] + ([f"--{dashed}"] if dashed != flag else [])
+        default = ("" if spec.default is None else  # the help text says what leaving it out does
+                   f"; default {spec.default:g}" if isinstance(spec.default, float) else f"; default {spec.default}")
         groups[owner].add_argument(*names, dest=f"opt_{flag}", default=None, metavar=spec.type.__name__.upper(),
-                                   help=f"{spec.help}{choices}; default {spec.default:g}{applies}"
-                                   if isinstance(spec.default, float) else
-                                   f"{spec.help}{choices}; default {spec.default}{applies}")
+                                   help=f"{spec.help}{choices}{default}{applies}")
 
 
 def prune_options(args) -> dict:
@@ -151,11 +166,12 @@ def run(args) -> dict:
         takers = [n for n, m in REGISTRY.items() if m.accepts_empty_question]
         raise InputError(f"--question is empty (only --prune_method {' / '.join(takers)} accepts that)")
     opts = prune_options(args)
-    block_length = args.block_length if args.block_length is not None else min(128, args.gen_length)
-    # validates --gen-length, --block-length, --steps and the sampler's options before the model loads
-    steps_per_block(args.gen_length, block_length, args.steps)
+    # validates --gen-length, --block-length (or its default), --steps and the sampler's options before the model loads
+    steps_per_block(args.gen_length, args.block_length, args.steps)
+    block_length = args.block_length if args.block_length is not None else default_block_length(args.gen_length)
     schedule_kwargs = {"shift": args.shift} if args.shift is not None else None
     check_sampling(args.temperature, args.remasking, args.schedule, schedule_kwargs)
+    schedule = canonical_schedule(args.schedule)
     if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
         raise InputError(f"--seed {args.seed} is out of range; use an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
     device = parse_device(args.device)
@@ -170,7 +186,7 @@ def run(args) -> dict:
         input_ids, [image], prune_method=method.name, question_ids=question_ids,
         prune_options={**opts, "seed": args.seed},
         pool=args.pool, timer=timer, gen_length=args.gen_length, block_length=block_length, steps=args.steps,
-        temperature=args.temperature, remasking=args.remasking, schedule=args.schedule,
+        temperature=args.temperature, remasking=args.remasking, schedule=schedule,
         schedule_kwargs=schedule_kwargs, prefix_cache=args.prefix_cache,
         generator=torch.Generator(device=device).manual_seed(args.seed),  # the sampler draws on the model's device
     )
@@ -247,14 +263,18 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad flag (2, already printed as one line)
+        return e.code if isinstance(e.code, int) else 2
     # WARNING, not INFO: the pooling decision is already in the report's notes, and an error
     # must be the only line on stderr
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s", stream=sys.stderr)
     try:
         report = run(args)
     except LavidaError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one line even when the message quotes a multi-line library error
+        print("error: " + " / ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
     print(json.dumps(report) if args.json else format_report(report))
     return 0

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
 import re
 from pathlib import Path, PurePosixPath
 from typing import Optional
@@ -107,6 +109,13 @@ def _inside_folder(name: str) -> bool:
 def _read_torch_bin(file: Path) -> dict[str, torch.Tensor]:
     try:  # mmap: tensors are paged in as they are copied out, not read up front
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:  # torch's weights-only refusal: a page of advice; keep the reason
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
+        raise CheckpointError(
+            f"cannot read {file}: it holds pickled Python objects besides tensors, which are not loaded (unsafe to "
+            f"unpickle): {reason.rstrip('.')}. Convert it to safetensors where you trust its source"
+        ) from None
     except Exception as e:
         raise CheckpointError(f"cannot read {file}: {e}") from None
     if not isinstance(state, dict):
@@ -422,6 +431,8 @@ def save_pretrained(
         for name, keys in zip(names, shards):
             part = {k: state[k].detach().contiguous().cpu() for k in keys}
             safetensors.torch.save_file(part, str(tmp / name), metadata={"format": "pt"})
+            # safetensors creates its file 0600; give it config.json's (umask) permissions like the other files
+            os.chmod(tmp / name, (tmp / CONFIG_NAME).stat().st_mode & 0o777)
             del part
         if len(shards) > 1:
             weight_map = {k: name for name, keys in zip(names, shards) for k in keys}

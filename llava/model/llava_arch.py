@@ -314,11 +314,12 @@ class LlavaMetaForCausalLM:
             def arrange(x):  # every per-token tensor gets the candidates' layout
                 return None if x is None else arrange_anyres(x, image.size, grid)[0]
 
+            n_candidates = flat_proj.shape[0]
             ctx = PruneContext(
                 features=flat_proj,
                 vision_features=arrange(vis.features),
                 view_shapes=shapes,
-                budget=request.options.budget_for(flat_proj.shape[0]),
+                budget=request.options.budget_for(n_candidates),
                 attn_received=None if vis.attn_received is None else arrange(vis.attn_received.unsqueeze(-1))[:, 0],
                 keys=arrange(vis.keys),
                 question_embedding=self.question_embedding(request.question_ids),
@@ -326,6 +327,9 @@ class LlavaMetaForCausalLM:
                 options=request.options,
             )
             info = {"pooling": reason, "grid": grid}
+            note = request.options.budget_note(n_candidates)
+            if note:
+                info["budget_note"] = note
             if method.prefill_hook is not None:
                 # all candidates enter the prompt; the LM prunes them once during prefill
                 visual = VisualTokens(flat_proj, method.name, flat_proj.shape[0], shapes, info=info,

@@ -71,6 +71,29 @@ def test_typed_options_validate(toy_method, given, message):
         toy_method.make_options(given)
 
 
+@pytest.mark.parametrize("candidates, kept, note", [
+    (3699, 980, None), (980, 980, None),
+    (810, 810, "the default budget 980 is more than this image's 810 candidate tokens, so all 810 are kept"),
+])
+def test_default_budget_is_clamped_to_the_candidates(candidates, kept, note):
+    opts = BudgetOptions()
+    assert opts.budget is None and opts.budget_for(candidates) == kept
+    said = opts.budget_note(candidates)
+    assert said is None if note is None else said.startswith(note)
+
+
+def test_explicit_budget_is_not_clamped():
+    opts = BudgetOptions(budget=980)
+    assert opts.budget_for(3699) == 980 and opts.budget_note(810) is None
+    with pytest.raises(InputError, match="--budget 980 must be between 1 and the 810 candidate tokens of this image"):
+        opts.budget_for(810)
+
+
+def test_budget_flag_parses_as_int():
+    args = build_parser().parse_args(["--prune_method", "random", "--budget", "300"])
+    assert prune_options(args) == {"budget": 300}
+
+
 def test_string_options_are_parsed_by_type():
     opts = get_method("shirg").make_options({"keep_ratio": "0.8", "fovea": "saliency"})
     assert opts.keep_ratio == 0.8 and opts.fovea == "saliency"

@@ -37,9 +37,18 @@ def _schedule_curve(schedule: str, t: torch.Tensor, schedule_kwargs: dict) -> to
     return t
 
 
+def canonical_schedule(schedule: Optional[str]) -> Optional[str]:
+    """A schedule name as the sampler takes it: None (or "none", any case) is the even split."""
+    if schedule is None or (isinstance(schedule, str) and schedule.lower() == "none"):
+        return None
+    if schedule not in SCHEDULES:
+        raise InputError(f"unknown --schedule {schedule!r}; choose one of: none (the even split, default), "
+                         f"{', '.join(SCHEDULES)}")
+    return schedule
+
+
 def _check_schedule(schedule: Optional[str], schedule_kwargs: Optional[dict]) -> dict:
-    if schedule is not None and schedule not in SCHEDULES:
-        raise InputError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)} (or none)")
+    schedule = canonical_schedule(schedule)
     kwargs = dict(schedule_kwargs or {})
     unknown = sorted(set(kwargs) - {"shift"})
     if unknown:
@@ -47,6 +56,10 @@ def _check_schedule(schedule: Optional[str], schedule_kwargs: Optional[dict]) ->
     shift = kwargs.get("shift", 1.0)
     if not _finite_number(shift) or shift <= 0:
         raise InputError(f"--shift must be a positive finite number, got {kwargs['shift']!r}")
+    if "shift" in kwargs and schedule != "shift":
+        # it would be silently ignored
+        raise InputError(f"--shift only applies to --schedule shift (the schedule is {schedule or 'none'}); "
+                         "add --schedule shift or drop --shift")
     return kwargs
 
 
@@ -74,7 +87,7 @@ def num_transfer_tokens(
 ) -> list[int]:
     """How many masked slots to commit at each of `steps` steps of a block holding `masked` masks.
 
-    schedule=None: even split, the first (masked % steps) steps take one extra.
+    schedule=None (or "none"): even split, the first (masked % steps) steps take one extra.
     Any schedule name (including "linear"): cumulative counts trunc(f(t) * masked) on a float32 grid of
     min(steps, masked) + 1 points, per-step differences clamped to >= 1, then decremented cyclically from
     the front until they sum to `masked`, then reversed (step 0 is t near 1). The float32 arithmetic is
@@ -86,6 +99,7 @@ def num_transfer_tokens(
     so a block never ends with masks left.
     """
     kwargs = _check_schedule(schedule, schedule_kwargs)
+    schedule = canonical_schedule(schedule)
     if steps < 1 or masked < 0:
         raise InputError(f"need steps >= 1 and masked >= 0, got steps={steps}, masked={masked}")
     if schedule is None:
@@ -106,9 +120,17 @@ def num_transfer_tokens(
     return counts + [0] * (steps - n)
 
 
+MAX_DEFAULT_BLOCK = 128  # LaViDa's block length; shorter answers are one block
+
+
+def default_block_length(gen_length: int) -> int:
+    """The block length when none is given: min(128, gen_length)."""
+    return min(MAX_DEFAULT_BLOCK, gen_length)
+
+
 def steps_per_block(
     gen_length: int,
-    block_length: int,
+    block_length: Optional[int],
     steps: Optional[int] = None,
     step_per_block: Optional[int] = None,
     step_ratio: Optional[float] = None,
@@ -120,7 +142,19 @@ def steps_per_block(
     step_per_block=N: S = min(N, block_length)
     step_ratio=r:     S = floor(block_length * r), 0 < r <= 1
     At most one of the three may be given. Upstream ignores `steps`; here it is honoured.
+    block_length=None is `default_block_length(gen_length)`, and an error about it says so.
     """
+    if block_length is None:
+        if gen_length < 1:
+            raise InputError(f"--gen-length must be positive, got {gen_length}")
+        block_length = default_block_length(gen_length)
+        if gen_length % block_length:
+            fits = max(d for d in range(1, block_length + 1) if gen_length % d == 0)
+            raise InputError(
+                f"--gen-length {gen_length} is not a multiple of the default block length {block_length} "
+                f"(no --block-length was given); give a --block-length that divides it (e.g. --block-length {fits}) "
+                f"or a --gen-length that is a multiple of {block_length}"
+            )
     if gen_length < 1 or block_length < 1:
         raise InputError(f"--gen-length and --block-length must be positive, got {gen_length} and {block_length}")
     if gen_length % block_length:

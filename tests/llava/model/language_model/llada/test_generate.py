@@ -45,6 +45,16 @@ def test_schedule_reference_vectors(m, steps, schedule, alpha, expected):
     assert num_transfer_tokens(m, steps, schedule, kwargs) == expected
 
 
+@pytest.mark.parametrize("spelling", ["none", "None", "NONE"])
+def test_schedule_none_spellings(spelling):
+    assert num_transfer_tokens(37, 8, spelling) == num_transfer_tokens(37, 8, None) == [5] * 5 + [4] * 3
+
+
+def test_default_block_length_is_used_when_none_is_given():
+    assert steps_per_block(64, None) == 64 and steps_per_block(256, None) == 128
+    assert steps_per_block(256, None, 64) == 32  # 64 steps over the 2 default blocks
+
+
 def test_schedule_none_is_base_plus_remainder():
     assert num_transfer_tokens(10, 4) == [3, 3, 2, 2]
     assert num_transfer_tokens(0, 3) == [0, 0, 0]
@@ -77,7 +87,9 @@ def test_linear_schedule_name_uses_float_grid():
 @pytest.mark.parametrize(
     "schedule,kwargs,msg",
     [("exponential", None, "linear, shift, cosine, logit_normal"), ("shift", {"alpha": 2}, "alpha"),
-     ("shift", {"shift": 0}, "positive")],
+     ("shift", {"shift": 0}, "positive"), ("", None, "unknown --schedule ''; choose one of: none"),
+     (None, {"shift": 2}, r"--shift only applies to --schedule shift \(the schedule is none\)"),
+     ("cosine", {"shift": 2}, r"the schedule is cosine")],
 )
 def test_schedule_errors(schedule, kwargs, msg):
     with pytest.raises(InputError, match=msg):
@@ -109,7 +121,10 @@ def test_steps_per_block(kwargs, expected):
      (dict(gen_length=64, block_length=64, steps=0), "--steps 0"),
      (dict(gen_length=64, block_length=32, step_ratio=0.01), "--step-ratio"),
      (dict(gen_length=64, block_length=32, step_ratio=1.5), "--step-ratio"),
-     (dict(gen_length=64, block_length=32, step_per_block=0), "--step-per-block")],
+     (dict(gen_length=64, block_length=32, step_per_block=0), "--step-per-block"),
+     (dict(gen_length=200, block_length=None), r"--gen-length 200 is not a multiple of the default block length 128 "
+                                               r"\(no --block-length was given\).*e\.g\. --block-length 100"),
+     (dict(gen_length=0, block_length=None), "--gen-length must be positive, got 0")],
 )
 def test_steps_per_block_errors(kwargs, msg):
     with pytest.raises(InputError, match=msg):
