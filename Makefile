@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 IMAGE ?= playground/images/demo.png
 QUESTION ?= What is the value of the tallest bar?
 
-.PHONY: install demo test test-shapes bench bench-train costmodel train-tiny results clean
+.PHONY: install demo test test-shapes fuzz bench bench-train costmodel train-tiny results clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(STAMP)
 
 test-shapes: $(STAMP)
 	$(PY) -m pytest -m shapes
+
+# load_image and config loading on thousands of random inputs (`make test` runs a few dozen of each)
+fuzz: $(STAMP)
+	LAVIDA_FUZZ=long $(PY) -m pytest tests/llava/test_fuzz.py
 
 bench: $(STAMP)
 	$(PY) -m llava.eval.bench

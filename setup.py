@@ -23,7 +23,7 @@ setup(
         # imported only by llava/train/: LoRA, ZeRO, the yaml data list, QLoRA (bitsandbytes runs on CPU too)
         "train": ["peft>=0.13,<1", "deepspeed>=0.15,<1", "pyyaml>=6,<7", "bitsandbytes>=0.45,<1"],
         "gpu": ["flash-attn>=2.6,<3"],
-        "dev": ["pytest>=8,<10", "ruff>=0.6,<1"],
+        "dev": ["pytest>=8,<10", "ruff>=0.6,<1", "hypothesis>=6.100,<7"],
         # parquet exports of the evaluation sets (lmms-eval's ChartQA/DocVQA/VQAv2); JSON needs nothing extra
         "eval": ["pyarrow>=14,<30"],
     },
