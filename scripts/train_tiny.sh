@@ -4,31 +4,33 @@
 #   $MODEL_DIR            the LaViDa-style model (pooled any-res tokens, as the real checkpoint was trained)
 #   $MODEL_DIR-shirg-lora the SHIRG LoRA adapter on top of it (load with --model-base $MODEL_DIR)
 #
-# Curriculum (why: a model this small learns nothing from the full grids at first; big entities teach it the
-# colours, shapes and glyphs, then grids teach it to find one entity among many):
-#   stage 1  "single" EntityGrid images (1-3 large entities), every part trained, --prune_method pool
-#   stage 2  "grid" images (12-24 entities of all sizes), every part trained, --prune_method pool
-#   stage 3  "grid" images, --prune_method shirg, LoRA on SigLIP layers 0-3 q/k/v (+4-5 q/k where they exist)
-#            and the projector from scripts/lora_shirg.yaml, everything else frozen
-# Dims (why): SigLIP 64-d x 4 layers (3 kept) as the built-in model, LLaDA 64-d x 3 layers: each training
-# sample runs ~1,000 pooled visual tokens twice through the LM (complementary masking), so the LM's width is
-# what the CPU budget buys. Token geometry (384/14, 5 any-res views, 448 fovea, 980 budget) is the real one.
-#
-# Knobs: STEPS1 STEPS2 STEPS3 (optimizer steps per stage), BATCH, N_SINGLE, N_GRID (training images), OUT.
+# Curriculum (why: a model this small learns nothing from full grids at first, and every any-res sample costs
+# ~4x a single-view one on this CPU, so the cheap single-view stages do most of the learning):
+#   stage 1  "single" EntityGrid images (1-3 large entities), ONE 384² view (image_aspect_ratio pad: 729
+#            unpooled tokens, like LaViDa's own first stage), every part trained from scratch
+#   stage 2  "grid" images (12-24 entities of all sizes), same single view: finding one entity among many
+#   stage 3  "grid" images with LaViDa's any-res views pooled to ~1,000 tokens (image_aspect_ratio anyres,
+#            --prune_method pool), every part trained: the LaViDa-style baseline model, as the real
+#            checkpoint was trained
+#   stage 4  "grid" images, --prune_method shirg, LoRA on SigLIP layers 0-3 q/k/v (+4-5 q/k where they exist)
+#            and the projector from scripts/lora_shirg.yaml (rank 16 here: the small widths are 64), the rest
+#            frozen: SHIRG's training stage
+# Knobs: STEPS1..STEPS4 (optimizer steps per stage), BATCH, N_SINGLE, N_GRID (training images), OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/train-tiny}
 MODEL_DIR=${MODEL_DIR:-playground/models/lavida-tiny}
-STEPS1=${STEPS1:-300}
-STEPS2=${STEPS2:-300}
-STEPS3=${STEPS3:-150}
+STEPS1=${STEPS1:-400}
+STEPS2=${STEPS2:-400}
+STEPS3=${STEPS3:-200}
+STEPS4=${STEPS4:-150}
 BATCH=${BATCH:-8}
 N_SINGLE=${N_SINGLE:-3000}
 N_GRID=${N_GRID:-3000}
 SEED=${SEED:-0}
-DIMS='{"d_model": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 172}'
+DIMS='"d_model": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 172'
 
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -42,33 +44,40 @@ log "data: $N_SINGLE single + $N_GRID grid EntityGrid training images (split tra
 
 # --extra_pad_max 16: LaViDa appends up to 128 extra EOS targets to a batch; with one-word answers those would be
 # ~95 % of the token-mean loss, so the answer's signal is diluted ~20x. 16 keeps some answer-length variety.
-common=(--per_device_train_batch_size "$BATCH" --seed "$SEED" --save_steps 50 --save_total_limit 1
-        --weight_decay 1e-4 --min_lr_rate 0.1 --logging_steps 10 --extra_pad_max 16)
+common=(--per_device_train_batch_size "$BATCH" --seed "$SEED" --save_steps 50 --weight_decay 1e-4
+        --logging_steps 10 --extra_pad_max 16)
 
-log "stage 1: from scratch on single-entity images, pooled (LaViDa-style), $STEPS1 steps"
-$PY -m llava.train.train --model_name_or_path builtin:lavida-small --config_overrides "$DIMS" \
+log "stage 1: from scratch, single-entity images, one 384² view, $STEPS1 steps"
+$PY -m llava.train.train --model_name_or_path builtin:lavida-small \
+    --config_overrides "{$DIMS, \"image_aspect_ratio\": \"pad\"}" \
     --data_path "$OUT/data/single/train_llava.json" --image_folder "$OUT/data/single" \
-    --output_dir "$OUT/stage1" --resume_from_checkpoint latest --prune_method pool --token_dropout 0 \
+    --output_dir "$OUT/stage1" --resume_from_checkpoint latest --prune_method lavida --token_dropout 0 \
     --max_steps "$STEPS1" --learning_rate 2e-3 --warmup_steps 30 "${common[@]}"
 
-log "stage 2: grids, pooled, all parts, $STEPS2 steps"
+log "stage 2: grids, one 384² view, $STEPS2 steps"
 $PY -m llava.train.train --model_name_or_path "$OUT/stage1/final" \
     --data_path "$OUT/data/grid/train_llava.json" --image_folder "$OUT/data/grid" \
-    --output_dir "$OUT/stage2" --resume_from_checkpoint latest --prune_method pool --token_dropout 0 \
-    --max_steps "$STEPS2" --learning_rate 1e-3 --warmup_steps 20 "${common[@]}"
+    --output_dir "$OUT/stage2" --save_total_limit 1 --min_lr_rate 0.1 --resume_from_checkpoint latest --prune_method lavida --token_dropout 0 \
+    --max_steps "$STEPS2" --learning_rate 1.5e-3 --warmup_steps 20 "${common[@]}"
 
-log "stage 3: SHIRG LoRA on grids, $STEPS3 steps"
-$PY -m llava.train.train --model_name_or_path "$OUT/stage2/final" \
+log "stage 3: grids, any-res views pooled (LaViDa-style), all parts, $STEPS3 steps"
+$PY -m llava.train.train --model_name_or_path "$OUT/stage2/final" --config_overrides '{"image_aspect_ratio": "anyres"}' \
     --data_path "$OUT/data/grid/train_llava.json" --image_folder "$OUT/data/grid" \
-    --output_dir "$OUT/stage3" --resume_from_checkpoint latest --prune_method shirg \
+    --output_dir "$OUT/stage3" --save_total_limit 1 --min_lr_rate 0.1 --resume_from_checkpoint latest --prune_method pool --token_dropout 0 \
+    --max_steps "$STEPS3" --learning_rate 1e-3 --warmup_steps 20 "${common[@]}"
+
+log "stage 4: SHIRG LoRA on grids, $STEPS4 steps"
+$PY -m llava.train.train --model_name_or_path "$OUT/stage3/final" \
+    --data_path "$OUT/data/grid/train_llava.json" --image_folder "$OUT/data/grid" \
+    --output_dir "$OUT/stage4" --save_total_limit 1 --min_lr_rate 0.1 --resume_from_checkpoint latest --prune_method shirg \
     --lora_enable True --lora_config scripts/lora_shirg.yaml --lora_r 16 --lora_alpha 32 \
-    --max_steps "$STEPS3" --learning_rate 1e-3 --warmup_steps 10 "${common[@]}"
+    --max_steps "$STEPS4" --learning_rate 1e-3 --warmup_steps 10 "${common[@]}"
 
 log "copying the results to $MODEL_DIR and $MODEL_DIR-shirg-lora"
 rm -rf "$MODEL_DIR.tmp" "$MODEL_DIR-shirg-lora.tmp"
 mkdir -p "$(dirname "$MODEL_DIR")"
-cp -r "$OUT/stage2/final" "$MODEL_DIR.tmp"
-cp -r "$OUT/stage3/final" "$MODEL_DIR-shirg-lora.tmp"
+cp -r "$OUT/stage3/final" "$MODEL_DIR.tmp"
+cp -r "$OUT/stage4/final" "$MODEL_DIR-shirg-lora.tmp"
 rm -rf "$MODEL_DIR" "$MODEL_DIR-shirg-lora"
 mv "$MODEL_DIR.tmp" "$MODEL_DIR"
 mv "$MODEL_DIR-shirg-lora.tmp" "$MODEL_DIR-shirg-lora"

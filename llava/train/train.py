@@ -66,8 +66,9 @@ class ModelArguments:
     model_name_or_path: str = field(default="builtin:lavida-small",
                                     metadata={"help": "local LaViDa folder or builtin:lavida-small"})
     config_overrides: Optional[str] = field(default=None, metadata={
-        "help": "JSON object of config keys replacing the built-in small model's (from-scratch training of other "
-                "small dims, e.g. '{\"d_model\": 64, \"n_layers\": 3}'); only with builtin:lavida-small"})
+        "help": "JSON object of config keys replacing the model's: the built-in small model's dims for training "
+                "from scratch ('{\"d_model\": 64}'), or a checkpoint's keys such as image_aspect_ratio "
+                "(a curriculum stage on single views); the trained model's config.json records them"})
     prune_method: str = field(default="pool", metadata={
         "help": "visual tokens seen in training: any registered method (shirg for SHIRG's LoRA stage, pool for "
                 "LaViDa-style training)"})
@@ -167,22 +168,20 @@ def parse_prune_options(margs: ModelArguments):
 
 
 def parse_config_overrides(margs: ModelArguments) -> Optional[dict]:
-    """--config_overrides as a dict (None when not given); a nested `vision_config` is merged key by key into the
-    built-in one, so `{"vision_config": {"hidden_size": 96}}` keeps the other vision keys."""
+    """--config_overrides as a dict (None when not given). For the built-in model a nested `vision_config` is
+    merged key by key into its own, so `{"vision_config": {"hidden_size": 96}}` keeps the other vision keys; for
+    a checkpoint folder every given key replaces the folder's value whole."""
     if margs.config_overrides is None:
         return None
     from llava.model.builder import SMALL_MODEL_NAME, build_small_tokenizer, small_model_config
 
-    if margs.model_name_or_path != SMALL_MODEL_NAME:
-        raise ConfigError(f"--config_overrides only applies to {SMALL_MODEL_NAME} (a checkpoint folder has its own "
-                          "config.json)")
     try:
         overrides = json.loads(margs.config_overrides)
     except json.JSONDecodeError as e:
         raise ConfigError(f"--config_overrides is not valid JSON: {e}") from None
     if not isinstance(overrides, dict):
         raise ConfigError("--config_overrides must be a JSON object of config keys")
-    if isinstance(overrides.get("vision_config"), dict):
+    if margs.model_name_or_path == SMALL_MODEL_NAME and isinstance(overrides.get("vision_config"), dict):
         base = small_model_config(build_small_tokenizer())["vision_config"]
         overrides["vision_config"] = {**base, **overrides["vision_config"]}
     return overrides
