@@ -19,6 +19,9 @@ v2; v1 is the default row), both on SHIRG + LoRA, the form of the method the cla
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -48,6 +51,12 @@ def claim_systems(adapter: Path, quick: bool = False) -> list[str]:
     return systems
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def replace_between_markers(text: str, key: str, body: str) -> str:
     """`text` with the block between `<!-- key:begin -->` and `<!-- key:end -->` replaced by `body` (the markers
     are appended at the end when absent)."""
@@ -69,6 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--adapter", default=str(DEFAULT_ADAPTER), help="SHIRG LoRA adapter folder")
     p.add_argument("--out", default=None, help="output folder (default outputs/claim-seed<S>)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--nproc", type=int, default=2, help="evaluation processes (torchrun, gloo; default 2 = the cores)")
     p.add_argument("--latency-runs", type=int, default=5, help="timed runs per system (llava.eval.evaluate)")
     p.add_argument("--quick", action="store_true", help="only pool, full, shirg, shirg+lora")
     p.add_argument("--readme", default=str(ROOT / "README.md"), help="README to write the tables into")
@@ -98,12 +108,21 @@ def run(args) -> int:
         stats = entitygrid.generate(data_root / "entitygrid", "test", args.images, seed=args.seed)
         print(f"EntityGrid test split, seed {args.seed}: {stats['items']} items on {stats['images']} images")
     systems = claim_systems(Path(args.adapter), args.quick)
-    code = evaluate.main([
+    eval_args = [
         "--systems", ",".join(systems), "--datasets", "entitygrid", "--data-root", str(data_root),
         "--model-path", args.model_path, "--out", str(out / "eval"), "--gen-length", str(ANSWER_SLOTS),
         "--batch-size", str(args.batch_size), "--latency-runs", str(args.latency_runs), "--latency-warmup", "1",
         "--seed", "0",
-    ])
+    ]
+    if args.nproc > 1:
+        # the harness's data parallelism: rank r takes every nproc-th (system, item); one thread per rank
+        # uses this machine's cores better than one process with several threads
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+               "--master_port", str(free_port()), "-m", "llava.eval.evaluate", *eval_args]
+        code = subprocess.run(cmd, env=env).returncode
+    else:
+        code = evaluate.main(eval_args)
     if code:
         return code
     tables = render_markdown(read_results(out / "eval"))
