@@ -17,6 +17,16 @@ def small_model():
 
 
 @pytest.fixture(scope="session")
+def trained_model():
+    """(tokenizer, model) of the committed trained built-in model (`make train-tiny`), fp32, eval mode."""
+    from llava.eval.run import TRAINED_MODEL
+    from llava.model.builder import load_pretrained_model
+
+    tok, model, _, _ = load_pretrained_model(TRAINED_MODEL)
+    return tok, model
+
+
+@pytest.fixture(scope="session")
 def small_tokenizer(small_model):
     return small_model[0]
 
@@ -30,7 +40,8 @@ def small_checkpoint(small_model, tmp_path_factory):
 
 @pytest.fixture
 def run_cli(small_model, monkeypatch, capsys):
-    """`run_cli(*argv) -> (exit code, stdout, stderr)` for `llava.eval.run.main` on the session model.
+    """`run_cli(*argv) -> (exit code, stdout, stderr)` for `llava.eval.run.main` on the session model (unless
+    argv names a --model-path).
 
     `main` configures logging itself; root handlers are cleared around the call so its stderr
     handler really writes to the captured stderr, as in a terminal.
@@ -45,6 +56,9 @@ def run_cli(small_model, monkeypatch, capsys):
     monkeypatch.setattr(builder, "build_small_model", cached)
 
     def call(*argv):
+        argv = list(argv)
+        if "--model-path" not in argv:  # the CLI's default is the trained model; these tests use the session one
+            argv = ["--model-path", builder.SMALL_MODEL_NAME, *argv]
         root = logging.getLogger()
         saved, level = root.handlers[:], root.level
         root.handlers[:] = []

@@ -36,14 +36,19 @@ SCORE_ABLATION = ("attn", "sim", "v2")
 ANSWER_SLOTS = 4
 
 
-def claim_systems(adapter: Path, quick: bool = False) -> list[str]:
-    """The `--systems` specs of llava.eval.evaluate, in table order."""
+def claim_systems(adapter: Path, quick: bool = False, lm_layers: Optional[int] = None) -> list[str]:
+    """The `--systems` specs of llava.eval.evaluate, in table order. TopV prunes after an early LM layer
+    (default 2 of LLaDA's 32); on an LM of `lm_layers` <= 3 layers that is moved to the last layer that still
+    leaves one layer after it, and the table says so in the system's options."""
     from shirg_patches import REGISTRY
+    from shirg_patches.baselines.topv import TopVOptions
 
     lora = f"@{adapter}"
     if quick:
         return ["pool", "full", "shirg", f"shirg+lora=shirg{lora}"]
     systems = [name for name in REGISTRY if name != "lavida"]
+    if lm_layers is not None and "topv" in systems and TopVOptions().layer >= lm_layers - 1:
+        systems[systems.index("topv")] = f"topv=topv:layer={max(lm_layers - 2, 0)}"
     at = systems.index("shirg") + 1
     systems[at:at] = ["shirg:fovea=saliency", f"shirg+lora=shirg{lora}"]
     systems += [f"shirg+lora/keep{r}=shirg:keep_ratio={r}{lora}" for r in KEEP_RATIO_ABLATION]
@@ -107,7 +112,9 @@ def run(args) -> int:
     if not split.is_file():
         stats = entitygrid.generate(data_root / "entitygrid", "test", args.images, seed=args.seed)
         print(f"EntityGrid test split, seed {args.seed}: {stats['items']} items on {stats['images']} images")
-    systems = claim_systems(Path(args.adapter), args.quick)
+    from llava.model.builder import read_config
+
+    systems = claim_systems(Path(args.adapter), args.quick, int(read_config(args.model_path)["n_layers"]))
     eval_args = [
         "--systems", ",".join(systems), "--datasets", "entitygrid", "--data-root", str(data_root),
         "--model-path", args.model_path, "--out", str(out / "eval"), "--gen-length", str(ANSWER_SLOTS),

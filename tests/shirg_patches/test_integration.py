@@ -132,11 +132,13 @@ def test_no_question_ranks_by_attention_alone(small_model, hd_image):
 
 
 # ---- prefix-cache safety, every registered method ----------------------------------------------
+@pytest.mark.parametrize("weights", ["small_model", "trained_model"])
 @pytest.mark.parametrize("method", sorted(REGISTRY))
-def test_prefix_cache_never_changes(small_model, method):
+def test_prefix_cache_never_changes(request, weights, method):
     """The prompt K/V computed at prefill is bit-identical at every diffusion step, and equals a
-    fresh prefill of the same prompt (so it is the prompt's cache, not a stale one)."""
-    tok, model = small_model
+    fresh prefill of the same prompt (so it is the prompt's cache, not a stale one); for the random-weight
+    model and for the committed trained one."""
+    tok, model = request.getfixturevalue(weights)
     q = QUESTIONS[0]
     ids = tokenizer_image_token(build_prompt(q), tok)
     image = noise(100, 100, seed=1)
@@ -154,7 +156,11 @@ def test_prefix_cache_never_changes(small_model, method):
             assert torch.equal(k, first.keys[layer]) and torch.equal(v, first.values[layer]), (i, layer)
         seen["steps"] = seen.get("steps", 0) + 1
 
-    out = model.generate(ids, [image], prune_method=method, question_ids=qids(tok, q), prune_options={"seed": 0},
+    options = {"seed": 0}
+    n_layers = model.config.llada.n_layers
+    if getattr(get_method(method).options(), "layer", 0) >= n_layers - 1:  # in-LM pruning on a shallow LM
+        options["layer"] = n_layers - 2
+    out = model.generate(ids, [image], prune_method=method, question_ids=qids(tok, q), prune_options=options,
                          gen_length=8, block_length=4, steps=4, on_step=on_step)
     assert seen["steps"] == 4 == len(out.generation.step_seconds)
     assert out.generation.prefix_cache is seen["obj"]

@@ -148,3 +148,25 @@ def test_help_lists_the_schedules_the_cli_accepts(cli):
     code, out, err = cli("--help")
     assert code == 0 and err == ""
     assert "none (the even split, default), linear, shift, cosine, logit_normal" in " ".join(out.split())
+
+
+def test_default_model_is_the_committed_trained_one():
+    from llava.eval.run import TRAINED_MODEL, build_parser
+
+    assert (TRAINED_MODEL / "config.json").is_file()
+    assert build_parser().parse_args([]).model_path == str(TRAINED_MODEL)
+
+
+def test_trained_model_report_has_no_random_weights_note_and_checks_the_answer(trained_model, monkeypatch, capsys):
+    import json
+
+    import llava.eval.run as run_module
+    from llava.eval.run import TRAINED_MODEL, main
+
+    tok, model = trained_model
+    monkeypatch.setattr(run_module, "load_pretrained_model", lambda *a, **k: (tok, model, None, None))
+    code = main(["--model-path", str(TRAINED_MODEL), "--question", "How many red shapes are there?",
+                 "--short-answer", "--expected", "nonsense-answer", "--gen-length", "4", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and "model" not in report["notes"]
+    assert report["expected"] == "nonsense-answer" and report["correct"] is False

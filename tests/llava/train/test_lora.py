@@ -117,6 +117,13 @@ def test_adapter_folder_is_standard_peft(adapters):
         torch.testing.assert_close(mine[k], other[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_adapter_weights_get_the_configs_permissions(adapters):
+    folder = adapters["lora"]
+    mode = (folder / ADAPTER_CONFIG).stat().st_mode & 0o777
+    for name in (ADAPTER_WEIGHTS, NON_LORA_WEIGHTS):
+        assert (folder / name).stat().st_mode & 0o777 == mode, name
+
+
 def test_non_lora_trainables_are_loaded(adapters):
     from safetensors.torch import load_file
 
