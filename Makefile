@@ -5,8 +5,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # The CPU torch wheel must be installed first: a bare `torch` requirement pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
-IMAGE ?= playground/images/demo.png
-QUESTION ?= What is the value of the tallest bar?
+# The demo: a bundled EntityGrid-QA image and a question whose answer needs native-resolution detail, asked
+# of the trained built-in model (its default); see README "The trained built-in model".
+MODEL  ?= playground/models/lavida-tiny
+IMAGE ?= playground/images/entitygrid_demo.png
+QUESTION ?= What is the label on the blue hexagon?
+ANSWER ?= P
+ASK = $(PY) -m llava.eval.run --image $(IMAGE) --question "$(QUESTION)" --expected "$(ANSWER)" --short-answer \
+      --gen-length 4
 
 .PHONY: install demo test test-shapes fuzz bench bench-train costmodel train-tiny results clean
 
@@ -19,12 +25,14 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	@echo "== LaViDa pooled (default) =="
-	$(PY) -m llava.eval.run --image $(IMAGE) --question "$(QUESTION)" --prune_method pool
-	@echo "== LaViDa unpooled =="
-	$(PY) -m llava.eval.run --image $(IMAGE) --question "$(QUESTION)" --prune_method full
-	@echo "== SHIRG (global 256 + fovea 724) =="
-	$(PY) -m llava.eval.run --image $(IMAGE) --question "$(QUESTION)" --prune_method shirg --save_heatmap outputs/shirg_heatmap.png
+	@echo "== LaViDa pooled (pool: 5 any-res views pooled to ~1,000 tokens) =="
+	@$(ASK) --model-path $(MODEL) --prune_method pool
+	@echo "== LaViDa unpooled (full: ~3,700 tokens) =="
+	@$(ASK) --model-path $(MODEL) --prune_method full
+	@echo "== SHIRG zero-shot (global 256 + fovea 724 = 980 tokens) =="
+	@$(ASK) --model-path $(MODEL) --prune_method shirg
+	@echo "== SHIRG + its LoRA (the SHIRG training stage) =="
+	@$(ASK) --prune_method shirg --model-path $(MODEL)-shirg-lora --model-base $(MODEL) --save_heatmap outputs/shirg_heatmap.png
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
