@@ -2,12 +2,12 @@
 
 Tests that use these fixtures must not mutate them (use `monkeypatch` for temporary attribute changes).
 """
-import logging
 
 import pytest
 
 import llava.model.builder as builder
 from llava.model.builder import build_small_model, save_pretrained
+from tests.cli_helpers import call_main
 
 
 @pytest.fixture(scope="session")
@@ -59,14 +59,7 @@ def run_cli(small_model, monkeypatch, capsys):
         argv = list(argv)
         if "--model-path" not in argv:  # the CLI's default is the trained model; these tests use the session one
             argv = ["--model-path", builder.SMALL_MODEL_NAME, *argv]
-        root = logging.getLogger()
-        saved, level = root.handlers[:], root.level
-        root.handlers[:] = []
-        try:
-            code = main([str(a) for a in argv])
-        finally:
-            root.handlers[:] = saved
-            root.setLevel(level)
+        code = call_main(main, argv)
         out, err = capsys.readouterr()
         return code, out, err
 

@@ -4,12 +4,12 @@ The built-in small model's random LM weights (std 0.02) answer every question wi
 would make "batch B equals batch 1" and "resumed equals uninterrupted" hold trivially. Scaling its LM weights by
 10 gives answers that change with the image, the question and the position, so those comparisons mean something.
 """
-import logging
 
 import pytest
 import torch
 
 from llava.model.builder import build_small_model, save_pretrained
+from tests.cli_helpers import call_main
 from tests.llava.eval.fixtures import write_fixture_root
 
 SHARPEN = 10.0
@@ -49,14 +49,7 @@ def run_eval(capsys):
     from llava.eval.evaluate import main
 
     def call(*argv):
-        root = logging.getLogger()
-        saved, level = root.handlers[:], root.level
-        root.handlers[:] = []
-        try:
-            code = main([str(a) for a in argv])
-        finally:
-            root.handlers[:] = saved
-            root.setLevel(level)
+        code = call_main(main, argv)
         out, err = capsys.readouterr()
         return code, out, err
 

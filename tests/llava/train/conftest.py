@@ -4,7 +4,6 @@ Runs use the built-in small model with `stride` at a 32-token budget, so the LM 
 takes a fraction of a second; the objective and the data pipeline are the real ones.
 """
 import glob
-import logging
 import os
 import subprocess
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.cli_helpers import call_main
 
 REPO = Path(__file__).resolve().parents[3]
 PLAYGROUND = REPO / "playground" / "data"
@@ -43,14 +44,7 @@ def train_main(capsys):
     from llava.train.train import main
 
     def call(*argv):
-        root = logging.getLogger()
-        saved, level = root.handlers[:], root.level
-        root.handlers[:] = []
-        try:
-            code = main([str(a) for a in argv])
-        finally:
-            root.handlers[:] = saved
-            root.setLevel(level)
+        code = call_main(main, argv)
         return code, capsys.readouterr().err
 
     return call
