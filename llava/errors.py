@@ -2,6 +2,7 @@
 
 Anything else escaping to the top level is a bug and keeps its traceback.
 """
+import argparse
 
 
 class LavidaError(Exception):
@@ -26,3 +27,11 @@ class InputError(LavidaError):
 
 class DataError(LavidaError):
     """An evaluation data set is missing a file, or one of its records is malformed (the message names them)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one `error: ...` line on stderr (exit 2) like every other input error,
+    not the usage block plus the message. Every command-line entry point uses it."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")

@@ -18,7 +18,6 @@ v2; v1 is the default row), both on SHIRG + LoRA, the form of the method the cla
 """
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import subprocess
@@ -26,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from llava.errors import InputError, LavidaError
+from llava.errors import InputError, LavidaError, OneLineParser
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = ROOT / "playground" / "models" / "lavida-tiny"
@@ -76,7 +75,7 @@ def replace_between_markers(text: str, key: str, body: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llava.eval.claim", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m llava.eval.claim", description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="EntityGrid test-split seed (0: the reference split)")
     p.add_argument("--images", type=int, default=75, help="test images (4 questions each; default 75 -> 300 items)")
     p.add_argument("--model-path", default=str(DEFAULT_MODEL))

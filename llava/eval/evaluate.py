@@ -88,7 +88,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from llava.errors import InputError, LavidaError
+from llava.errors import InputError, LavidaError, OneLineParser
 
 log = logging.getLogger("llava.eval.evaluate")
 
@@ -941,7 +941,7 @@ def check_and_write_run_file(out: Path, settings: dict, systems: Sequence[System
 def build_parser() -> argparse.ArgumentParser:
     from llava.model.builder import SMALL_MODEL_NAME
 
-    p = argparse.ArgumentParser(prog="python -m llava.eval.evaluate", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m llava.eval.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--systems", default="pool,full,shirg",
                    help="comma list of [LABEL=]METHOD[:OPTION=VALUE]...[@ADAPTER] (see the module doc)")

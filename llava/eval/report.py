@@ -14,13 +14,12 @@ tables elsewhere (e.g. between markers in a README). Reading and rendering need 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from llava.errors import InputError, LavidaError
+from llava.errors import InputError, LavidaError, OneLineParser
 
 BREAKDOWN_TITLES = {
     "size_bucket": "by target size in the 384² global view (native < 8 px <= mid < 14 px <= global)",
@@ -149,7 +148,7 @@ def render_markdown(rows: Sequence[dict], baseline: str = "pool") -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llava.eval.report", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m llava.eval.report", description=__doc__.split("\n\n")[0])
     p.add_argument("results", help="an evaluation output folder (holding results.csv) or the CSV itself")
     p.add_argument("--baseline", default="pool", help="system the latency ratios are relative to (default pool)")
     p.add_argument("--out", default=None, help="write the markdown here instead of printing it")

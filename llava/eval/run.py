@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from llava.conversation import build_prompt
-from llava.errors import InputError, LavidaError
+from llava.errors import InputError, LavidaError, OneLineParser
 from llava.eval.datasets import SHORT_ANSWER_SUFFIX
 from llava.eval.metrics import exact_match
 from llava.mm_utils import load_image, tokenizer_image_token
@@ -45,14 +45,6 @@ TRAINED_MODEL = PLAYGROUND / "models" / "lavida-tiny"
 def default_model_path() -> str:
     return str(TRAINED_MODEL) if (TRAINED_MODEL / "config.json").is_file() else SMALL_MODEL_NAME
 SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, what torch's generators (and the prune methods') take
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one `error: ...` line on stderr (exit 2) like every other input error,
-    not the usage block plus the message."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

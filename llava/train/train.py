@@ -782,10 +782,14 @@ def run_shape(targs: TrainingArguments, dist: Dist, n: int) -> dict:
 
 
 def check_resume_shape(state: dict, shape: dict, folder: Path) -> None:
-    for key in ("world_size", "micro_batch", "grad_accum", "seed", "dataset_len", "steps_per_epoch"):
+    """A resumed run must be the same run: batch geometry, seed, data and total steps (the warm-up and cosine
+    schedule are functions of the total, so a new --max_steps would silently change every later lr)."""
+    for key in ("world_size", "micro_batch", "grad_accum", "seed", "dataset_len", "steps_per_epoch", "total_steps"):
         if state.get("shape", {}).get(key) != shape[key]:
+            hint = (" (to train on from it, pass the checkpoint folder as --model_name_or_path with a new "
+                    "--output_dir)" if key == "total_steps" else "")
             raise CheckpointError(f"{folder} was written with {key}={state.get('shape', {}).get(key)} but this run "
-                                  f"has {key}={shape[key]}; resuming would not continue the same run")
+                                  f"has {key}={shape[key]}; resuming would not continue the same run{hint}")
 
 
 def save_checkpoint(out: Path, step: int, setup: TrainSetup, engine, dist: Dist, state: dict) -> Path:

@@ -32,3 +32,17 @@ def test_replace_between_markers_in_place_and_append():
     assert appended == "intro\n\n<!-- claim:seed1:begin -->\nt\n<!-- claim:seed1:end -->\n"
     with pytest.raises(InputError, match="only one of the markers"):
         replace_between_markers("<!-- claim:seed0:begin -->\n", "claim:seed0", "t")
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("llava.eval.evaluate", ["--batch-size", "abc"]),
+    ("llava.eval.claim", ["--images", "abc"]),
+    ("llava.eval.report", []),
+])
+def test_every_eval_cli_reports_a_bad_flag_in_one_line(module, argv, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")

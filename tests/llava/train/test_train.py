@@ -231,6 +231,15 @@ def test_truncated_resume_checkpoint_is_named(data8, tmp_path, train_main):
     assert f"checkpoint file {optimizer} is truncated or corrupt" in one_error_line(err)
 
 
+def test_resume_with_other_total_steps_is_refused(data8, tmp_path, train_main):
+    out = tmp_path / "run"
+    args = ["--save_steps", "1", "--mm_tunable_parts", "mm_mlp_adapter"]
+    code, err = train_main(*common(data8, out, *args, "--max_steps", "1"))
+    assert code == 0, err
+    code, err = train_main(*common(data8, out, *args, "--max_steps", "3", "--resume_from_checkpoint", "latest"))
+    assert code == 2 and "total_steps=1 but this run has total_steps=3" in one_error_line(err)
+
+
 def test_bits_without_bitsandbytes(data8, tmp_path, train_main, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     code, err = train_main(*common(data8, tmp_path / "run", "--lora_enable", "True", "--bits", "4"))
