@@ -46,7 +46,9 @@ Outputs in `--out`:
   batch's time / B), batch_size, meta. Items that cannot run get a line with `skipped` (missing_image / bad_image /
   empty_question) and `error` instead of a prediction, so the file also records what was skipped.
 - `latency.jsonl`: one line per system x data set (the efficiency runs).
-- `results.csv`: system x data set x metric: value, bootstrap 95 % CI lo / hi, n (all x100), plus
+- `results.csv`: system x data set x metric: value, bootstrap 95 % CI lo / hi, n (all x100; ChartQA's
+  overall relaxed accuracy is the mean of its human and augmented split scores, as the benchmark
+  reports it, with a bootstrap stratified by split), plus
   LM visual tokens (mean), median latency and its stages, peak memory and its kind, and the
   missing / undecodable image counts. Rows with a `breakdown` (an item-meta key) and `bucket` break
   the primary metric down, each bucket with its own CI: ChartQA by split, VQAv2 by answer type,
@@ -721,7 +723,7 @@ def _fmt(x: Optional[float], digits: int = 4) -> str:
 def report_rows(predictions: Iterable[dict], latency: Iterable[dict], system_order: Sequence[str] = ()) -> list[dict]:
     """results.csv rows from the records (pure: the same records give the same rows)."""
     from llava.eval.datasets import DATASET_SPECS
-    from llava.eval.metrics import METRICS, bootstrap_ci
+    from llava.eval.metrics import METRICS, bootstrap_ci, stratified_bootstrap_ci
 
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for rec in predictions:
@@ -772,7 +774,8 @@ def report_rows(predictions: Iterable[dict], latency: Iterable[dict], system_ord
                 for g in sorted(by, key=lambda b: (rank.get(b, len(rank)), b)):
                     metric_rows.append((spec.primary, key, g, by[g]))
         for metric, key, bucket, values in metric_rows:
-            mean, lo, hi = bootstrap_ci(values)
+            strata = _macro_groups(spec, scored, metric) if not key else None
+            mean, lo, hi = stratified_bootstrap_ci(strata) if strata else bootstrap_ci(values)
             rows.append(common | {"metric": metric, "breakdown": key, "bucket": bucket, "value": _fmt(100 * mean),
                                   "ci_lo": _fmt(100 * lo), "ci_hi": _fmt(100 * hi), "n": len(values)})
         if spec is not None and scored:
@@ -784,6 +787,20 @@ def report_rows(predictions: Iterable[dict], latency: Iterable[dict], system_ord
         if not metric_rows:
             rows.append(common | {"metric": "", "n": 0})
     return [{c: row.get(c, "") for c in CSV_COLUMNS} for row in rows]
+
+
+def _macro_groups(spec, scored: Sequence[dict], metric: str) -> Optional[list[list[float]]]:
+    """The per-group values of `metric` when the data set's overall score is a mean of group means
+    (`MetricSpec.macro_over`, e.g. ChartQA's splits) and the items carry that key; else None (pooled mean)."""
+    if spec.macro_over is None or metric != spec.primary:
+        return None
+    by: dict[str, list[float]] = defaultdict(list)
+    for r in scored:
+        g = (r.get("meta") or {}).get(spec.macro_over)
+        if g is None or metric not in r["scores"]:
+            return None
+        by[str(g)].append(r["scores"][metric])
+    return [by[g] for g in sorted(by)] if len(by) > 1 else None
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -12,6 +12,7 @@ from llava.eval.metrics import (
     levenshtein,
     relaxed_accuracy,
     squad_normalize,
+    stratified_bootstrap_ci,
     token_f1,
     vqa_accuracy,
     vqa_normalize,
@@ -250,3 +251,28 @@ def test_registry():
         row = spec.score("7", ["7"])
         assert set(row) == set(spec.columns) and all(v == 1.0 for v in row.values())
     assert METRICS["chartqa"].primary_fn("45%", ["0.45"]) == 1.0
+
+
+def test_stratified_bootstrap_is_the_mean_of_group_means():
+    mean, lo, hi = stratified_bootstrap_ci([[1, 1], [0, 0, 0, 1]], n_boot=300, seed=1)
+    assert mean == pytest.approx((1.0 + 0.25) / 2)  # not the pooled 3/6
+    assert 0.5 <= lo <= mean <= hi <= 1.0  # the first group never varies: replicates lie in [0.5, 1]
+    assert stratified_bootstrap_ci([[1, 1], [0, 0, 0, 1]], n_boot=300, seed=1) == (mean, lo, hi)
+    with pytest.raises(ValueError):
+        stratified_bootstrap_ci([[1], []])
+
+
+def test_chartqa_overall_in_results_is_the_mean_of_its_splits():
+    from llava.eval.evaluate import report_rows
+
+    def rec(i, split, ok):
+        return {"system": "pool", "method": "pool", "dataset": "chartqa", "id": f"{split}-{i}", "prediction": "x",
+                "answers": ["x"], "scores": {"relaxed_accuracy": float(ok)}, "lm_visual_tokens": 980,
+                "meta": {"split": split}}
+
+    recs = [rec(0, "human", 1), rec(1, "human", 1)] + [rec(i, "augmented", i == 0) for i in range(4)]
+    rows = report_rows(recs, [])
+    overall = [r for r in rows if r["metric"] == "relaxed_accuracy" and not r["breakdown"]]
+    assert len(overall) == 1 and float(overall[0]["value"]) == pytest.approx(62.5)
+    splits = {r["bucket"]: float(r["value"]) for r in rows if r["breakdown"] == "split"}
+    assert splits == {"human": pytest.approx(100.0), "augmented": pytest.approx(25.0)}
