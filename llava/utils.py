@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -53,6 +54,21 @@ class NullTimer(StageTimer):
     @contextmanager
     def __call__(self, stage: str):
         yield
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a local torch.distributed rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def give_mode_of(reference: Path, *paths: Path) -> None:
+    """Give `paths` the permission bits of `reference`: safetensors creates its files 0600, while the config
+    files beside them get the usual umask permissions."""
+    mode = reference.stat().st_mode & 0o777
+    for path in paths:
+        os.chmod(path, mode)
 
 
 @contextmanager

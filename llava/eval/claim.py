@@ -19,7 +19,6 @@ v2; v1 is the default row), both on SHIRG + LoRA, the form of the method the cla
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,12 +52,6 @@ def claim_systems(adapter: Path, quick: bool = False, lm_layers: Optional[int] =
     systems += [f"shirg+lora/keep{r}=shirg:keep_ratio={r}{lora}" for r in KEEP_RATIO_ABLATION]
     systems += [f"shirg+lora/score-{s}=shirg:score={s}{lora}" for s in SCORE_ABLATION]
     return systems
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def replace_between_markers(text: str, key: str, body: str) -> str:
@@ -103,7 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(args) -> int:
     from llava.eval import entitygrid, evaluate
     from llava.eval.report import read_results, render_markdown
-    from llava.utils import atomic_file
+    from llava.model.builder import read_config
+    from llava.utils import atomic_file, free_port
 
     out = Path(args.out or ROOT / "outputs" / f"claim-seed{args.seed}")
     data_root = out / "data"
@@ -111,8 +105,6 @@ def run(args) -> int:
     if not split.is_file():
         stats = entitygrid.generate(data_root / "entitygrid", "test", args.images, seed=args.seed)
         print(f"EntityGrid test split, seed {args.seed}: {stats['items']} items on {stats['images']} images")
-    from llava.model.builder import read_config
-
     systems = claim_systems(Path(args.adapter), args.quick, int(read_config(args.model_path)["n_layers"]))
     eval_args = [
         "--systems", ",".join(systems), "--datasets", "entitygrid", "--data-root", str(data_root),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import re
 from pathlib import Path, PurePosixPath
@@ -31,7 +30,7 @@ from llava.constants import (
 )
 from llava.errors import CheckpointError, ConfigError, InputError
 from llava.model.language_model.llava_llada import LlavaLLaDAConfig, LlavaLLaDAForCausalLM
-from llava.utils import atomic_dir, logger
+from llava.utils import atomic_dir, give_mode_of, logger
 
 SMALL_MODEL_NAME = "builtin:lavida-small"
 CONFIG_NAME = "config.json"
@@ -431,8 +430,7 @@ def save_pretrained(
         for name, keys in zip(names, shards):
             part = {k: state[k].detach().contiguous().cpu() for k in keys}
             safetensors.torch.save_file(part, str(tmp / name), metadata={"format": "pt"})
-            # safetensors creates its file 0600; give it config.json's (umask) permissions like the other files
-            os.chmod(tmp / name, (tmp / CONFIG_NAME).stat().st_mode & 0o777)
+            give_mode_of(tmp / CONFIG_NAME, tmp / name)
             del part
         if len(shards) > 1:
             weight_map = {k: name for name, keys in zip(names, shards) for k in keys}
@@ -517,9 +515,13 @@ def small_model_config(tokenizer) -> dict:
 
 def build_small_model(seed: int = 0, config_overrides: Optional[dict] = None):
     """(tokenizer, model) of the built-in small LaViDa: random weights, LLaDA-style init.
-    `config_overrides` replaces config keys (e.g. `mm_patch_merge_type`) before building."""
+    `config_overrides` replaces config keys (e.g. `mm_patch_merge_type`) before building; a nested
+    `vision_config` is merged key by key, so `{"vision_config": {"hidden_size": 96}}` keeps the other vision keys."""
     tokenizer = build_small_tokenizer()
-    config = LlavaLLaDAConfig.from_dict({**small_model_config(tokenizer), **(config_overrides or {})})
+    base, overrides = small_model_config(tokenizer), dict(config_overrides or {})
+    if isinstance(overrides.get("vision_config"), dict):
+        overrides["vision_config"] = {**base["vision_config"], **overrides["vision_config"]}
+    config = LlavaLLaDAConfig.from_dict({**base, **overrides})
     gen = torch.Generator().manual_seed(seed)
     model = LlavaLLaDAForCausalLM(config)
     with torch.no_grad():

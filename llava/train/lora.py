@@ -25,7 +25,6 @@ state-dict names (upstream used a `.bin` with the same idea).
 from __future__ import annotations
 
 import itertools
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 
 from llava.errors import CheckpointError, ConfigError, InputError
-from llava.utils import logger
+from llava.utils import give_mode_of, logger
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -246,10 +245,7 @@ def save_adapter(peft_model, model: nn.Module, folder: Path, non_lora: list[str]
     (folder / "README.md").unlink(missing_ok=True)  # peft's model-card stub says nothing about this model
     extra = {plain_name(n): state_dict[n].detach().contiguous().cpu() for n in non_lora}
     save_file(extra, str(folder / NON_LORA_WEIGHTS), metadata={"format": "pt"})
-    # safetensors creates its files 0600; give them adapter_config.json's (umask) permissions like the rest
-    mode = (folder / "adapter_config.json").stat().st_mode & 0o777
-    for weights in folder.glob("*.safetensors"):
-        os.chmod(weights, mode)
+    give_mode_of(folder / "adapter_config.json", *folder.glob("*.safetensors"))
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,7 +45,7 @@ from llava.errors import CheckpointError, ConfigError, InputError, LavidaError
 from llava.train import checkpoint as ckpt
 from llava.train.data import DataCollatorForSupervisedDataset, DataError, LazySupervisedDataset
 from llava.train.objective import diffusion_loss
-from llava.utils import atomic_dir, logger
+from llava.utils import atomic_dir, free_port, logger
 
 TUNABLE_PARTS = {
     # upstream's --mm_tunable_parts names -> the parameters they cover (image_newline goes with the LM, as upstream)
@@ -168,22 +167,16 @@ def parse_prune_options(margs: ModelArguments):
 
 
 def parse_config_overrides(margs: ModelArguments) -> Optional[dict]:
-    """--config_overrides as a dict (None when not given). For the built-in model a nested `vision_config` is
-    merged key by key into its own, so `{"vision_config": {"hidden_size": 96}}` keeps the other vision keys; for
-    a checkpoint folder every given key replaces the folder's value whole."""
+    """--config_overrides as a dict (None when not given); `load_pretrained_model` applies it (see
+    `build_small_model` for how the built-in model merges a nested `vision_config`)."""
     if margs.config_overrides is None:
         return None
-    from llava.model.builder import SMALL_MODEL_NAME, build_small_tokenizer, small_model_config
-
     try:
         overrides = json.loads(margs.config_overrides)
     except json.JSONDecodeError as e:
         raise ConfigError(f"--config_overrides is not valid JSON: {e}") from None
     if not isinstance(overrides, dict):
         raise ConfigError("--config_overrides must be a JSON object of config keys")
-    if margs.model_name_or_path == SMALL_MODEL_NAME and isinstance(overrides.get("vision_config"), dict):
-        base = small_model_config(build_small_tokenizer())["vision_config"]
-        overrides["vision_config"] = {**base, **overrides["vision_config"]}
     return overrides
 
 
@@ -304,12 +297,6 @@ class Dist:
         return float(t) / self.world
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def init_distributed(use_deepspeed: bool) -> Dist:
     """DeepSpeed: its comm layer (needs RANK/WORLD_SIZE/MASTER_* even for one process, else it looks for MPI;
     set with setdefault so launchers win). Torch: a process group only when WORLD_SIZE > 1."""
@@ -319,7 +306,7 @@ def init_distributed(use_deepspeed: bool) -> Dist:
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
         if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = _free_port()
+            os.environ["MASTER_PORT"] = str(free_port())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -396,3 +396,13 @@ def test_bad_max_shard_size(small_model, tmp_path, value):
     with pytest.raises(InputError, match="max shard size"):
         save_pretrained(model, tok, tmp_path / "out", max_shard_size=value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_small_model_merges_a_vision_config_override_key_by_key():
+    from llava.model.builder import build_small_model
+
+    _, model = build_small_model(config_overrides={"vision_config": {"num_hidden_layers": 3}, "d_model": 64,
+                                                   "n_heads": 4, "n_kv_heads": 4})
+    vision = model.config.to_dict()["vision_config"]
+    assert vision["num_hidden_layers"] == 3 and vision["hidden_size"] == 64 and vision["patch_size"] == 14
+    assert model.config.llada.d_model == 64

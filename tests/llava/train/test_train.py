@@ -4,7 +4,6 @@ ZeRO-2 on CPU equals the torch engine, QLoRA 4-bit trains, and bad input gets on
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from llava.model.builder import SMALL_MODEL_NAME, load_pretrained_model
+from llava.utils import free_port
 from tests.llava.train.conftest import (
     FAST,
     PLAYGROUND,
@@ -108,12 +108,6 @@ def test_lora_resume_restores_adapter_and_optimizer(data8, tmp_path, train_main)
 
 
 # ---- scale-out -------------------------------------------------------------------------------------------------
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one_with_doubled_accumulation(data8, tmp_path, train_main):
     """torchrun, 2 CPU processes on gloo (DDP), micro-batch 1: the same global batch of 2 per step as one process
     with accumulation 2, the same data order and draws, so the same weights (fp32 tolerance)."""
