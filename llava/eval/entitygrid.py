@@ -79,7 +79,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 # Label colour on each fill: dark text on the light fills, white elsewhere.
 _DARK_TEXT = {"yellow", "orange"}
 SHAPES = ("circle", "square", "triangle", "diamond", "hexagon")
-_PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds",
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds",
            "hexagon": "hexagons"}
 LABELS = tuple("0123456789ABCDEFGHJKLMNPRSTUVWXYZ")  # no I, O, Q (confusable with 1, 0)
 POSITIONS = ("left", "right", "above", "below")
@@ -246,7 +246,7 @@ def _question(qtype: str, scene: dict, rng: random.Random) -> tuple[str, str, di
         if rng.random() < 0.5:
             shape = rng.choice(SHAPES)
             counted = [e for e in ents if e["shape"] == shape]
-            q, of = f"How many {_PLURAL[shape]} are there?", {"shape": shape}
+            q, of = f"How many {PLURAL[shape]} are there?", {"shape": shape}
         else:
             colour = rng.choice(list(COLOURS))
             counted = [e for e in ents if e["colour"] == colour]

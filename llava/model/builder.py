@@ -453,13 +453,34 @@ _CORPUS_WORDS = (
 )
 
 
+def _entitygrid_lines() -> list[str]:
+    """EntityGrid-QA's question templates and answer words, repeated so BPE merges every answer into ONE token,
+    bare and after a space: a multi-token answer (`hexagon` was 5 tokens) cannot fit the 4 answer slots the
+    trained demo model decodes, and each extra slot is one more parallel guess for the diffusion sampler."""
+    from llava.eval.entitygrid import COLOURS, LABELS, PLURAL, POSITIONS, SHAPES
+
+    lines = []
+    for k, colour in enumerate(COLOURS):
+        for j, shape in enumerate(SHAPES):
+            other = f"{list(COLOURS)[(k + 3) % len(COLOURS)]} {SHAPES[(j + 2) % len(SHAPES)]}"
+            pos, label = POSITIONS[(k + j) % len(POSITIONS)], LABELS[(k * len(SHAPES) + j) % len(LABELS)]
+            lines += [f"What is the label on the {colour} {shape}?", f"What colour is the shape labelled {label}?",
+                      f"What shape is labelled {label}?", f"How many {PLURAL[shape]} are there?",
+                      f"How many {colour} shapes are there?",
+                      f"Is the {colour} {shape} {'left or right' if pos in ('left', 'right') else 'above or below'} "
+                      f"of the {other}?"]
+    for word in (*COLOURS, *SHAPES, *POSITIONS):
+        lines += [word] * 8 + [f"The answer is {word}."] * 8
+    return lines
+
+
 def _tokenizer_corpus() -> list[str]:
     words = _CORPUS_WORDS.split()
     lines = [SYSTEM_PROMPT, "Answer the question using a single word or phrase.", "Describe the image in detail."]
     for i, w in enumerate(words):  # fixed, deterministic sentences
         lines.append(f"What is the {w} in the image? The {w} is {i} and {words[(i * 7) % len(words)]}.")
         lines.append(f"{w.capitalize()} {words[(i * 3) % len(words)]} {i * 13 % 101}% {w}.")
-    return lines
+    return lines + _entitygrid_lines()
 
 
 def build_small_tokenizer(vocab_size: int = 512):

@@ -44,6 +44,7 @@ from torch import nn
 from llava.errors import CheckpointError, ConfigError, InputError, LavidaError
 from llava.train import checkpoint as ckpt
 from llava.train.data import DataCollatorForSupervisedDataset, DataError, LazySupervisedDataset
+from llava.train.feature_cache import VisionFeatureCache
 from llava.train.objective import diffusion_loss
 from llava.utils import atomic_dir, free_port, logger
 
@@ -126,6 +127,9 @@ class TrainingArguments:
         "help": "the collator appends e ~ U[-N, N) extra EOS targets to a batch when e > 0 (LaViDa: 128; 0: none). "
                 "Short-answer data from scratch learns faster with few: every EOS is a target in the token mean"})
     token_dropout: float = field(default=0.1, metadata={"help": "share of visual tokens zeroed per image in training"})
+    vision_feature_cache_gb: float = field(default=0.0, metadata={
+        "help": "memoise the FROZEN vision tower's features per preprocessed view, up to this many GB in RAM per "
+                "process (0: off); refused when any SigLIP parameter is trained"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher; the env var wins"})
 
 
@@ -248,6 +252,8 @@ def validate_args(margs: ModelArguments, dargs: DataArguments, targs: TrainingAr
         raise InputError(f"--extra_pad_max must be >= 0, got {targs.extra_pad_max}")
     if not 0 <= targs.token_dropout < 1:
         raise InputError(f"--token_dropout must be in [0, 1), got {targs.token_dropout}")
+    if not targs.vision_feature_cache_gb >= 0:
+        raise InputError(f"--vision_feature_cache_gb must be >= 0, got {targs.vision_feature_cache_gb}")
     if targs.max_steps <= 0 and targs.num_train_epochs <= 0:
         raise InputError("set --num_train_epochs > 0 or --max_steps > 0")
     return method, options, spec, parts
@@ -856,6 +862,8 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     setup = load_model_for_training(margs, targs, method, options, spec, parts, dist.device, dtype)
     if dist.main:
         logger.info("%s", report_parameters(setup))
+    gb = targs.vision_feature_cache_gb
+    cache = VisionFeatureCache(setup.model, gb * 1e9) if gb else None
     dataset = LazySupervisedDataset(dargs.data_path, setup.tokenizer, dargs.image_folder, targs.model_max_length,
                                     strict=dargs.strict_data, seed=targs.seed)
     collator = DataCollatorForSupervisedDataset(setup.tokenizer.pad_token_id, targs.model_max_length, targs.seed,
@@ -935,6 +943,9 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     summary = {"steps": total, "resumed_from": start, "seconds": round(seconds, 2),
                "samples_per_s": round(samples / seconds, 3) if seconds > 0 else None, "final_loss": last_loss,
                "output": str(out / FINAL_DIR), "engine": engine.name, "world_size": dist.world}
+    if cache is not None:
+        summary["vision_feature_cache"] = cache.stats()
+        cache.uninstall()
     if dist.main:
         logger.info("done: %s", json.dumps(summary))
     return summary
