@@ -5,17 +5,21 @@
 #   $MODEL_DIR-shirg-lora the SHIRG LoRA adapter on top of it (load with --model-base $MODEL_DIR)
 #
 # Curriculum (why: a model this small learns nothing from full grids at first, and every any-res sample costs
-# ~4x a single-view one on this CPU, so the cheap single-view stages do most of the learning):
+# ~4x a single-view one on this CPU, so the cheap single-view stages teach SigLIP and the any-res stage trains
+# the projector and LM on cached features of the frozen SigLIP):
 #   stage 1  "single" EntityGrid images (1-3 large entities), ONE 384² view (image_aspect_ratio pad: 729
 #            unpooled tokens, like LaViDa's own first stage), every part trained from scratch
 #   stage 2  "grid" images (12-24 entities of all sizes), same single view: finding one entity among many
 #   stage 3  "grid" images with LaViDa's any-res views pooled to ~1,000 tokens (image_aspect_ratio anyres,
-#            --prune_method pool), every part trained: the LaViDa-style baseline model, as the real
-#            checkpoint was trained
+#            --prune_method pool), projector + LM trained on the stage-2 SigLIP, frozen, whose features are
+#            computed once per view and cached in RAM (--vision_feature_cache_gb: 5 views x 729 x 64 fp32 =
+#            0.9 MB per image): the LaViDa-style baseline model
 #   stage 4  "grid" images, --prune_method shirg, LoRA on SigLIP layers 0-3 q/k/v (+4-5 q/k where they exist)
 #            and the projector from scripts/lora_shirg.yaml (rank 16 here: the small widths are 64), the rest
 #            frozen: SHIRG's training stage
-# Knobs: STEPS1..STEPS4 (optimizer steps per stage), BATCH, N_SINGLE, N_GRID (training images), OUT.
+# Every stage trains on prompts tokenised exactly as inference tokenises them (--inference_prompt True: LaViDa's
+# inference drops the newline after <image>, its training keeps it; a model this small does not survive that
+# one-token shift). Knobs: STEPS1..STEPS4 (optimizer steps per stage), BATCH, N_SINGLE, N_GRID (training images), OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,8 +27,8 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/train-tiny}
 MODEL_DIR=${MODEL_DIR:-playground/models/lavida-tiny}
 STEPS1=${STEPS1:-400}
-STEPS2=${STEPS2:-600}
-STEPS3=${STEPS3:-250}
+STEPS2=${STEPS2:-300}
+STEPS3=${STEPS3:-600}
 STEPS4=${STEPS4:-150}
 BATCH=${BATCH:-8}
 N_SINGLE=${N_SINGLE:-3000}
@@ -45,7 +49,7 @@ log "data: $N_SINGLE single + $N_GRID grid EntityGrid training images (split tra
 # --extra_pad_max 16: LaViDa appends up to 128 extra EOS targets to a batch; with one-word answers those would be
 # ~95 % of the token-mean loss, so the answer's signal is diluted ~20x. 16 keeps some answer-length variety.
 common=(--per_device_train_batch_size "$BATCH" --seed "$SEED" --save_steps 50 --weight_decay 1e-4
-        --logging_steps 10 --extra_pad_max 16)
+        --logging_steps 10 --extra_pad_max 16 --inference_prompt True)
 
 log "stage 1: from scratch, single-entity images, one 384² view, $STEPS1 steps"
 $PY -m llava.train.train --model_name_or_path builtin:lavida-small \
@@ -60,8 +64,9 @@ $PY -m llava.train.train --model_name_or_path "$OUT/stage1/final" \
     --output_dir "$OUT/stage2" --save_total_limit 1 --min_lr_rate 0.1 --resume_from_checkpoint latest --prune_method lavida --token_dropout 0 \
     --max_steps "$STEPS2" --learning_rate 1.5e-3 --warmup_steps 20 "${common[@]}"
 
-log "stage 3: grids, any-res views pooled (LaViDa-style), all parts, $STEPS3 steps"
+log "stage 3: grids, any-res views pooled (LaViDa-style), projector + LM on cached SigLIP features, $STEPS3 steps"
 $PY -m llava.train.train --model_name_or_path "$OUT/stage2/final" --config_overrides '{"image_aspect_ratio": "anyres"}' \
+    --mm_tunable_parts mm_mlp_adapter,mm_language_model --vision_feature_cache_gb 8 \
     --data_path "$OUT/data/grid/train_llava.json" --image_folder "$OUT/data/grid" \
     --output_dir "$OUT/stage3" --save_total_limit 1 --min_lr_rate 0.1 --resume_from_checkpoint latest --prune_method pool --token_dropout 0 \
     --max_steps "$STEPS3" --learning_rate 1e-3 --warmup_steps 20 "${common[@]}"

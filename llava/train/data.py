@@ -16,8 +16,12 @@ Preprocessing follows LaViDa's `llada` recipe (stage 2/3 of its training):
   * sequence = [BOS + system block] + [user block] + [assistant header] + [answer + `<|eot_id|>`]; only the answer
     tokens and its `<|eot_id|>` are targets, everything before is IGNORE_INDEX;
   * `<image>` becomes IMAGE_TOKEN_INDEX and the newline after it is KEPT. Inference (`tokenizer_image_token`)
-    drops that newline because of an upstream quirk; LaViDa trained with it, so training must keep it too —
+    drops that newline because of an upstream quirk; LaViDa trained with it, so training keeps it by default —
     the train/inference mismatch is part of the published checkpoints and we reproduce both sides.
+    `inference_prompt=True` (the trainer's `--inference_prompt`) tokenises the prompt with the inference rule
+    instead, so training sees the exact ids `llava.eval.run` feeds. An 8B model shrugs off the one-token shift; a
+    64-wide model trained from scratch learns its answer slot at an exact offset and does not: on a flat-colour
+    probe it answered 100 % in the training layout and 30 % in the inference one.
 
 Randomness (the picked turn, `random:N` sampling, extra EOS padding) is a pure function of (seed, epoch, index),
 so a run is reproducible whatever the number of DataLoader workers. Upstream draws from Python's global RNG.
@@ -36,7 +40,7 @@ from torch.utils.data import Dataset
 from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.errors import ImageError, LavidaError
-from llava.mm_utils import load_image
+from llava.mm_utils import load_image, tokenizer_image_token
 from llava.utils import logger
 
 ROLES = {"human": "user", "gpt": "assistant"}
@@ -206,7 +210,8 @@ def image_first(text: str) -> str:
 
 
 def preprocess_llada(
-    conversations: Sequence[dict], tokenizer, has_image: bool, rng: np.random.Generator, conv_template: str = "llada"
+    conversations: Sequence[dict], tokenizer, has_image: bool, rng: np.random.Generator, conv_template: str = "llada",
+    inference_prompt: bool = False,
 ) -> dict:
     """One sampled (human, gpt) pair -> input_ids, labels (answer + eot are targets) and the question's ids.
 
@@ -225,7 +230,9 @@ def preprocess_llada(
     conv = conv_templates[conv_template].copy()
     conv.append_message(conv.roles[0], question)
     conv.append_message(conv.roles[1], None)
-    prompt_ids = tokenize_with_image(conv.get_prompt(), tokenizer)
+    prompt = conv.get_prompt()
+    tokenize = tokenizer_image_token if inference_prompt else tokenize_with_image
+    prompt_ids = tokenize(prompt, tokenizer)
     answer_ids = tokenizer(answer.strip() + conv.stop_str, add_special_tokens=False).input_ids
     text_question = question.replace(DEFAULT_IMAGE_TOKEN, "").strip()
     return {
@@ -258,6 +265,7 @@ class LazySupervisedDataset(Dataset):
         strict: bool = False,
         seed: int = 0,
         conv_template: str = "llada",
+        inference_prompt: bool = False,
     ):
         self.tokenizer = tokenizer
         self.model_max_length = model_max_length
@@ -265,6 +273,7 @@ class LazySupervisedDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.conv_template = conv_template
+        self.inference_prompt = inference_prompt
         records = read_records(data_path, image_folder, seed)
         if not records:
             raise DataError(f"{data_path}: the data set is empty (no records after sampling)")
@@ -312,7 +321,8 @@ class LazySupervisedDataset(Dataset):
                 logger.warning("skipping %s: %s", record.source, e)
                 return None
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        item = preprocess_llada(record.conversations, self.tokenizer, image is not None, rng, self.conv_template)
+        item = preprocess_llada(record.conversations, self.tokenizer, image is not None, rng, self.conv_template,
+                                self.inference_prompt)
         item["input_ids"] = item["input_ids"][: self.model_max_length]
         item["labels"] = item["labels"][: self.model_max_length]
         item.update(image=image, index=index, epoch=self.epoch, id=record.id)

@@ -93,6 +93,9 @@ class DataArguments:
     image_folder: Optional[str] = None
     strict_data: bool = field(default=False, metadata={"help": "missing or unreadable images are fatal"})
     dataloader_num_workers: int = 0
+    inference_prompt: bool = field(default=False, metadata={
+        "help": "tokenise prompts exactly as inference does (drops the newline after <image>, an upstream quirk); "
+                "default keeps it, as LaViDa trained. Models trained from scratch need True"})
 
 
 @dataclass
@@ -865,7 +868,8 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     gb = targs.vision_feature_cache_gb
     cache = VisionFeatureCache(setup.model, gb * 1e9) if gb else None
     dataset = LazySupervisedDataset(dargs.data_path, setup.tokenizer, dargs.image_folder, targs.model_max_length,
-                                    strict=dargs.strict_data, seed=targs.seed)
+                                    strict=dargs.strict_data, seed=targs.seed,
+                                    inference_prompt=dargs.inference_prompt)
     collator = DataCollatorForSupervisedDataset(setup.tokenizer.pad_token_id, targs.model_max_length, targs.seed,
                                                 extra_pad_range=(-targs.extra_pad_max, targs.extra_pad_max))
     shape = run_shape(targs, dist, len(dataset))

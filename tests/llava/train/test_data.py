@@ -198,6 +198,19 @@ def test_labels_ignore_prompt_and_target_answer_plus_eot(tok):
     assert tok.decode(ids[:1]) == "<|startoftext|>"
 
 
+def test_inference_prompt_gives_the_exact_inference_ids(tok, json_data):
+    conv = [{"from": "human", "value": "What is the color?\n<image>"}, {"from": "gpt", "value": "red"}]
+    out = preprocess_llada(conv, tok, True, np.random.default_rng(0), inference_prompt=True)
+    answer = tok("red<|eot_id|>", add_special_tokens=False).input_ids
+    infer = tokenizer_image_token(build_prompt("What is the color?"), tok)
+    assert out["input_ids"].tolist() == infer + answer
+    assert out["labels"].tolist() == [IGNORE_INDEX] * len(infer) + answer
+    # the dataset passes it through: one token shorter than the default (training) layout
+    path, images = json_data
+    plain, matched = (LazySupervisedDataset(path, tok, images, inference_prompt=m)[0] for m in (False, True))
+    assert len(matched["input_ids"]) == len(plain["input_ids"]) - 1
+
+
 def test_image_moved_to_front_or_added(tok):
     for value in ("Describe <image> please", "Describe please"):
         conv = [{"from": "human", "value": value}, {"from": "gpt", "value": "ok"}]
