@@ -1,7 +1,7 @@
 """EntityGrid-QA: a seeded synthetic VQA set of small labelled shapes on large images.
 
     python -m llava.eval.entitygrid --split test --n 200 --out data/entitygrid [--seed S] [--seed-offset K]
-                                    [--kind grid|single] [--questions-per-image 4]
+                                    [--kind grid|single|solo] [--questions-per-image 4]
 
 writes `<out>/<split>.json` (the plain JSON list read by `llava.eval.datasets`: image, question, answers, id,
 meta), `<out>/<split>_scenes.json` (every image's entities, for analysis and tests) and `<out>/images/*.png`.
@@ -15,7 +15,10 @@ What an image holds (kind "grid", the evaluation set):
 - entity sides log-uniform between 20 px and 9% of the image's longer side: in LaViDa's 384² global view (a
   plain resize of the whole image) they appear 5..35 px wide, from readable there to readable only at native
   resolution; positions uniform over the image, non-overlapping (≥ 4 px apart), on a faint background grid.
-Kind "single" (first curriculum stage): 384..768 px images with 1..3 large entities (15–35% of the shorter side).
+Kind "single" (an early curriculum stage): 384..768 px images with 1..3 large entities (15–35% of the shorter side).
+Kind "solo" (the first curriculum stage): 384..768 px images with ONE entity, 40–80% of the shorter side: the
+answer is in most of the image's tokens, so a model trained from scratch first learns to read the image at all
+(position questions need two entities and are not asked).
 
 Questions (4 per image by default, of distinct types, drawn at random; the image is shared by its questions):
     label     "What is the label on the red circle?"                 -> "7" / "K"
@@ -63,7 +66,7 @@ from llava.constants import DEFAULT_IMAGE_TOKEN, SIGLIP_IMAGE_SIZE
 
 GENERATOR_VERSION = "entitygrid-v1"
 SPLITS = ("train", "val", "test")
-KINDS = ("grid", "single")
+KINDS = ("grid", "single", "solo")
 QTYPES = ("label", "colour", "shape", "count", "position")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -143,6 +146,10 @@ def make_scene(rng: random.Random, kind: str = "grid") -> dict:
         w, h = rng.randrange(384, 769, 16), rng.randrange(384, 769, 16)
         n = rng.randint(1, 3)
         lo, hi = 0.15 * min(w, h), 0.35 * min(w, h)
+    elif kind == "solo":
+        w, h = rng.randrange(384, 769, 16), rng.randrange(384, 769, 16)
+        n = 1
+        lo, hi = 0.4 * min(w, h), 0.8 * min(w, h)
     else:
         raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
     pairs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], n)
@@ -368,7 +375,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output folder (<out>/<split>.json, <out>/images/)")
     p.add_argument("--seed", type=int, default=0, help="base seed; change it for a fresh set (default 0)")
     p.add_argument("--seed-offset", type=int, default=0, help="index of the first image (to generate in chunks)")
-    p.add_argument("--kind", choices=KINDS, default="grid", help="grid: many small entities; single: 1-3 large")
+    p.add_argument("--kind", choices=KINDS, default="grid",
+                   help="grid: many small entities; single: 1-3 large; solo: one very large")
     p.add_argument("--questions-per-image", type=int, default=4)
     p.add_argument("--llava", action="store_true", help="also write <split>_llava.json (LLaVA training records)")
     args = p.parse_args(argv)

@@ -161,6 +161,20 @@ def test_single_kind_has_few_large_entities(tmp_path):
             assert item["meta"]["size_bucket"] == "global"
 
 
+def test_solo_kind_has_one_very_large_entity_and_no_position_questions(tmp_path):
+    eg.generate(tmp_path, "train", 12, kind="solo")
+    scenes = json.loads((tmp_path / "train_scenes.json").read_text())
+    items = json.loads((tmp_path / "train.json").read_text())
+    assert len(items) == 48
+    for scene in scenes.values():
+        w, h = scene["size"]
+        (entity,) = scene["entities"]
+        assert 384 <= w <= 768 and 384 <= h <= 768 and 0.4 * min(w, h) - 1 <= entity["size"] <= 0.8 * min(w, h) + 1
+    assert {it["meta"]["qtype"] for it in items} == {"label", "colour", "shape", "count"}
+    for item in items:
+        assert item["answers"] == [_derive(item["question"], scenes[item["image"]]["entities"])]
+
+
 def test_cli(tmp_path, capsys):
     assert eg.main(["--split", "val", "--n", "3", "--out", str(tmp_path), "--questions-per-image", "2"]) == 0
     assert "wrote 6 items on 3 images" in capsys.readouterr().out
