@@ -534,15 +534,25 @@ def small_model_config(tokenizer) -> dict:
     }
 
 
+# Weight init of the built-in model (LLaDA/OLMo's config key `init_fn`): "normal" is LLaDA's N(0, 0.02), right
+# for its 4096 width (about 1/sqrt(4096)) but 6x too small at width 64, where attention then stays uniform for
+# hundreds of steps; "fan_in" is N(0, 1/sqrt(fan_in)), the same rule scaled to the width (train-tiny uses it).
+SMALL_INIT_FNS = ("normal", "fan_in")
+
+
 def build_small_model(seed: int = 0, config_overrides: Optional[dict] = None):
-    """(tokenizer, model) of the built-in small LaViDa: random weights, LLaDA-style init.
+    """(tokenizer, model) of the built-in small LaViDa: random weights, LLaDA-style init (`init_fn`, above).
     `config_overrides` replaces config keys (e.g. `mm_patch_merge_type`) before building; a nested
     `vision_config` is merged key by key, so `{"vision_config": {"hidden_size": 96}}` keeps the other vision keys."""
     tokenizer = build_small_tokenizer()
     base, overrides = small_model_config(tokenizer), dict(config_overrides or {})
     if isinstance(overrides.get("vision_config"), dict):
         overrides["vision_config"] = {**base["vision_config"], **overrides["vision_config"]}
-    config = LlavaLLaDAConfig.from_dict({**base, **overrides})
+    merged = {**base, **overrides}
+    init_fn = merged.get("init_fn", "normal")
+    if init_fn not in SMALL_INIT_FNS:
+        raise ConfigError(f"config key 'init_fn': {init_fn!r} is not one of {', '.join(SMALL_INIT_FNS)}")
+    config = LlavaLLaDAConfig.from_dict(merged)
     gen = torch.Generator().manual_seed(seed)
     model = LlavaLLaDAForCausalLM(config)
     with torch.no_grad():
@@ -550,7 +560,7 @@ def build_small_model(seed: int = 0, config_overrides: Optional[dict] = None):
             if name.endswith("image_newline"):
                 p.normal_(0.0, 1.0 / math.sqrt(p.numel()), generator=gen)
             elif p.dim() >= 2:
-                p.normal_(0.0, 0.02, generator=gen)
+                p.normal_(0.0, 0.02 if init_fn == "normal" else 1.0 / math.sqrt(p[0].numel()), generator=gen)
             elif name.endswith("bias"):
                 p.zero_()
             else:  # norm weights

@@ -406,3 +406,28 @@ def test_small_model_merges_a_vision_config_override_key_by_key():
     vision = model.config.to_dict()["vision_config"]
     assert vision["num_hidden_layers"] == 3 and vision["hidden_size"] == 64 and vision["patch_size"] == 14
     assert model.config.llada.d_model == 64
+
+
+def test_small_model_tokenizer_has_every_entitygrid_answer_as_one_token():
+    from llava.eval.entitygrid import ANSWER_VOCAB
+    from llava.model.builder import build_small_tokenizer
+
+    tok = build_small_tokenizer()
+    assert {w: len(tok(w, add_special_tokens=False).input_ids) for w in ANSWER_VOCAB} == dict.fromkeys(ANSWER_VOCAB, 1)
+
+
+def test_small_model_init_fn():
+    from llava.errors import ConfigError
+    from llava.model.builder import build_small_model
+
+    dims = {"d_model": 64, "n_heads": 4, "n_kv_heads": 4, "mlp_hidden_size": 172}
+    _, normal = build_small_model(config_overrides=dims)
+    _, fan_in = build_small_model(config_overrides={**dims, "init_fn": "fan_in"})
+    for name in ("model.transformer.blocks.0.q_proj.weight", "model.transformer.blocks.0.ff_out.weight",
+                 "model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight"):
+        p, q = dict(normal.named_parameters())[name].detach(), dict(fan_in.named_parameters())[name].detach()
+        assert float(p.std()) == pytest.approx(0.02, rel=0.05)
+        assert float(q.std()) == pytest.approx(q[0].numel() ** -0.5, rel=0.05)
+    assert fan_in.config.to_dict()["init_fn"] == "fan_in"  # recorded in config.json
+    with pytest.raises(ConfigError, match="init_fn"):
+        build_small_model(config_overrides={"init_fn": "xavier"})
