@@ -122,7 +122,7 @@ BREAKDOWNS: tuple[tuple[str, Optional[tuple[str, ...]], Any], ...] = (
     ("qtype", ("label", "colour", "shape", "count", "position"), str),  # EntityGrid
 )
 # settings that change answers: a resumed run must use the same ones
-ANSWER_SETTINGS = ("model_path", "gen_length", "block_length", "steps", "prefix_cache", "seed", "split")
+ANSWER_SETTINGS = ("model_path", "weights", "gen_length", "block_length", "steps", "prefix_cache", "seed", "split")
 LATENCY_STAGES = ("vision", "selection", "prefill", "steps")
 
 
@@ -932,6 +932,28 @@ def read_run_file(out: Path) -> dict:
         raise InputError(f"{path} is not valid JSON; move it away or use a new --out") from None
 
 
+def weights_fingerprint(folder: str | Path) -> str:
+    """Name, size and a BLAKE2 digest of the first and last MiB of every weight file in a model or adapter
+    folder: retraining into the same folder changes it, so a resumed run cannot silently reuse answers of the
+    old weights (the path alone would match). Cheap on an 8B checkpoint (2 MiB read per shard)."""
+    import hashlib
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return str(folder)  # builtin:lavida-small: the name is the weights
+    h = hashlib.blake2b(digest_size=12)
+    for f in sorted(folder.glob("*")):
+        if f.suffix not in (".safetensors", ".bin", ".pth") or not f.is_file():
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
 def check_and_write_run_file(out: Path, settings: dict, systems: Sequence[System], write: bool) -> list[str]:
     """Refuse to resume a run with different answer-changing settings; record the systems ever run
     (their order is the report's row order)."""
@@ -1052,7 +1074,9 @@ def run(args) -> int:
         device = resolve_device(args, dist)
         datasets = {n: load_dataset(n, args.data_root, args.limit, args.split) for n in names}
         out.mkdir(parents=True, exist_ok=True)
-        settings = {"model_path": str(args.model_path), "gen_length": args.gen_length,
+        weights = [weights_fingerprint(args.model_path)]
+        weights += sorted({weights_fingerprint(s.adapter) for s in systems if s.adapter})
+        settings = {"model_path": str(args.model_path), "weights": ",".join(weights), "gen_length": args.gen_length,
                     "block_length": args.block_length, "steps": args.steps, "prefix_cache": args.prefix_cache,
                     "seed": args.seed, "split": args.split, "limit": args.limit, "data_root": str(args.data_root)}
         order = check_and_write_run_file(out, settings, systems, write=dist.rank == 0)

@@ -222,3 +222,24 @@ def test_report_cli(single_run, tmp_path, capsys):
     assert (tmp_path / "r.md").read_text() == md
     assert report_main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_retrained_weights_in_the_same_folder_refuse_a_resume(sharp_checkpoint, tmp_path):
+    """The model path alone would match after retraining into the same folder; the weights fingerprint does not."""
+    from llava.eval.evaluate import check_and_write_run_file, weights_fingerprint
+
+    folder, out = tmp_path / "model", tmp_path / "out"
+    shutil.copytree(sharp_checkpoint, folder)
+    out.mkdir()
+    before = weights_fingerprint(folder)
+    assert weights_fingerprint(folder) == before
+    assert weights_fingerprint("builtin:lavida-small") == "builtin:lavida-small"
+    check_and_write_run_file(out, {"model_path": str(folder), "weights": before}, [], write=True)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor
+    weights.write_bytes(bytes(data))
+    after = weights_fingerprint(folder)
+    assert after != before
+    with pytest.raises(InputError, match="weights="):
+        check_and_write_run_file(out, {"model_path": str(folder), "weights": after}, [], write=True)
