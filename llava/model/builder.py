@@ -454,9 +454,10 @@ _CORPUS_WORDS = (
 
 
 def _entitygrid_lines() -> list[str]:
-    """EntityGrid-QA's question templates and answer words, repeated so BPE merges every answer into ONE token,
-    bare and after a space: a multi-token answer (`hexagon` was 5 tokens) cannot fit the 4 answer slots the
-    trained demo model decodes, and each extra slot is one more parallel guess for the diffusion sampler."""
+    """EntityGrid-QA's question templates and answer words, repeated so BPE merges every answer into ONE token
+    as answers are written (bare; the word answers also after a space, as the questions use them): a multi-token
+    answer (`hexagon` was 5 tokens) cannot fit the 4 answer slots the trained demo model decodes, and each extra
+    slot is one more parallel guess for the diffusion sampler."""
     from llava.eval.entitygrid import COLOURS, LABELS, PLURAL, POSITIONS, SHAPES
 
     lines = []

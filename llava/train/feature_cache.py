@@ -21,18 +21,17 @@ from llava.errors import InputError
 from llava.model.multimodal_encoder.siglip_encoder import VisionOutput
 from llava.utils import logger
 
-VISION_PREFIX = "model.vision_tower."
-
 
 def trainable_vision_parameters(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad and VISION_PREFIX in n]
+    """Names (inside the vision tower) of its parameters that would be trained, LoRA ones included."""
+    return [n for n, p in model.model.vision_tower.named_parameters() if p.requires_grad]
 
 
 def _digest(pixels: torch.Tensor, with_attention: bool) -> bytes:
     data = pixels.detach().to("cpu").contiguous()
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((tuple(data.shape), str(data.dtype), with_attention)).encode())
-    h.update(data.view(torch.uint8).numpy().tobytes() if data.dtype == torch.bfloat16 else data.numpy().tobytes())
+    h.update(data.view(torch.uint8).numpy())  # the raw bytes, any dtype (numpy has no bf16), without a copy
     return h.digest()
 
 
@@ -49,8 +48,8 @@ class VisionFeatureCache:
         if trained:
             raise InputError(
                 f"--vision_feature_cache_gb needs a frozen vision tower, but {len(trained)} of its parameters are "
-                f"trained (e.g. {trained[0]}): drop mm_vision_tower from --mm_tunable_parts and keep LoRA out of "
-                "SigLIP, or set --vision_feature_cache_gb 0")
+                f"trained (e.g. vision_tower.{trained[0]}): drop mm_vision_tower from --mm_tunable_parts and keep "
+                "LoRA out of SigLIP, or set --vision_feature_cache_gb 0")
         self.model, self.max_bytes = model, int(max_bytes)
         self.compute: Callable = model.vision_features  # the bound method
         self.store: dict[bytes, VisionOutput] = {}
