@@ -102,6 +102,7 @@ BUCKET_NATIVE_BELOW = 8
 BUCKET_GLOBAL_FROM = 14
 
 # Palette indices: 0 background, 1 grid, 2 white text, 3 dark text, 4.. the colours, then the outline.
+BACKGROUND_INDEX, GRID_INDEX = 0, 1  # every index above GRID_INDEX is painted by an entity
 _PALETTE_BASE = [(246, 246, 241), (226, 226, 220), (255, 255, 255), (15, 15, 15)]
 _COLOUR_INDEX = {name: 4 + i for i, name in enumerate(COLOURS)}
 _OUTLINE = 4 + len(COLOURS)
@@ -171,14 +172,14 @@ def make_scene(rng: random.Random, kind: str = "grid") -> dict:
 def render_scene(scene: dict) -> Image.Image:
     """The scene as a palette ("P") image: background grid, then each shape with its label."""
     w, h = scene["size"]
-    image = Image.new("P", (w, h), 0)
+    image = Image.new("P", (w, h), BACKGROUND_INDEX)
     image.putpalette(_FLAT_PALETTE)
     draw = ImageDraw.Draw(image)
     step = 64
     for x in range(step, w, step):
-        draw.line([(x, 0), (x, h - 1)], fill=1)
+        draw.line([(x, 0), (x, h - 1)], fill=GRID_INDEX)
     for y in range(step, h, step):
-        draw.line([(0, y), (w - 1, y)], fill=1)
+        draw.line([(0, y), (w - 1, y)], fill=GRID_INDEX)
     for e in scene["entities"]:
         x0, y0, x1, y1 = e["box"]
         s = e["size"]

@@ -1,6 +1,7 @@
 """scripts/train_tiny.sh (`make train-tiny`) end to end with 2 steps per stage on 16 images of each kind: every
-stage runs, stages 1-3 train on cached features of the frozen SigLIP, and the two outputs land where the demo and
-`llava.eval.claim` look for them (here: under tmp_path), loadable as base model + SHIRG adapter."""
+stage runs (0: the tower alone), stages 1-3 train on cached features of the frozen SigLIP, and the two outputs
+land where the demo and `llava.eval.claim` look for them (here: under tmp_path), loadable as base
+model + SHIRG adapter."""
 import json
 import subprocess
 import sys
@@ -12,12 +13,12 @@ from tests.llava.train.conftest import REPO, subprocess_env
 def test_train_tiny_runs_every_stage(tmp_path):
     model_dir = tmp_path / "models" / "tiny"
     env = subprocess_env(OUT=str(tmp_path / "run"), MODEL_DIR=str(model_dir), PY=sys.executable,
-                         STEPS1="2", STEPS2="2", STEPS3="2", STEPS4="2", BATCH="2",
+                         STEPS0="2", STEPS1="2", STEPS2="2", STEPS3="2", STEPS4="2", BATCH="2",
                          N_SOLO="16", N_SINGLE="16", N_GRID="16")
     proc = subprocess.run(["bash", "scripts/train_tiny.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for stage in range(1, 5):
+    for stage in range(0, 5):
         assert f"stage {stage}:" in proc.stdout
     done = [json.loads(line.split("done: ", 1)[1]) for line in proc.stderr.splitlines() if "] done: " in line]
     assert len(done) == 4
