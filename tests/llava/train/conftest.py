@@ -20,6 +20,18 @@ FAST = ["--prune_method", "stride", "--prune_options", "budget=32", "--save_step
         "--learning_rate", "1e-3"]
 
 
+def common(data, out, *extra) -> list:
+    """Trainer argv for a fast run on `data` into `out` (FAST, batch 2), then `extra`."""
+    return ["--data_path", data, "--output_dir", out, *FAST, "--per_device_train_batch_size", "2", *extra]
+
+
+def one_error_line(err: str) -> str:
+    """The single `error: ...` line a CLI printed for bad input (and no traceback)."""
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
 def write_data_list(folder: Path, n: int = 8) -> Path:
     """A yaml data list with the first n bundled records (images from the repo)."""
     path = folder / "data.yaml"

@@ -4,8 +4,7 @@ import torch
 
 from llava.model.builder import build_small_model
 from llava.train.feature_cache import VisionFeatureCache
-from tests.llava.train.conftest import assert_same_weights, final_weights
-from tests.llava.train.test_train import common, one_error_line
+from tests.llava.train.conftest import assert_same_weights, common, final_weights, one_error_line
 
 FROZEN = ["--mm_tunable_parts", "mm_mlp_adapter,mm_language_model", "--num_train_epochs", "3",
           "--per_device_train_batch_size", "4"]

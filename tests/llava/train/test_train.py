@@ -14,27 +14,18 @@ import torch
 from llava.model.builder import SMALL_MODEL_NAME, load_pretrained_model
 from llava.utils import free_port
 from tests.llava.train.conftest import (
-    FAST,
     PLAYGROUND,
     REPO,
     assert_same_weights,
+    common,
     final_weights,
+    one_error_line,
     subprocess_env,
 )
 
 
-def common(data, out, *extra):
-    return ["--data_path", data, "--output_dir", out, *FAST, "--per_device_train_batch_size", "2", *extra]
-
-
 def log_steps(out):
     return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
-
-
-def one_error_line(err):
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
 
 
 # ---- learning --------------------------------------------------------------------------------------------------
