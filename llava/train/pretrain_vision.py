@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -45,7 +44,7 @@ from llava.mm_utils import image_to_tensor
 from llava.model.builder import SMALL_MODEL_NAME, load_pretrained_model, save_pretrained
 from llava.train.checkpoint import torch_load
 from llava.train.train import FINAL_DIR, lr_factor, setup_logging
-from llava.utils import logger
+from llava.utils import atomic_file, logger
 
 STATE_FILE = "state.pt"
 LOG_FILE = "pretrain_log.jsonl"
@@ -141,10 +140,12 @@ def patch_targets(ids: Image.Image, entities: list[dict], text_ids: Image.Image,
     overlap the text (the central LABEL_BOX of its side), elsewhere it is IGNORE: a patch on a big entity's rim
     cannot see the letter, and the LM reads it from the entity's tokens together anyway."""
     side = grid * patch  # the tower's tokens cover [0, grid*patch) of the resized view
-    cells = np.asarray(ids.resize((side, side), Image.Resampling.NEAREST)).reshape(grid, patch, grid, patch)
-    text = np.asarray(text_ids.resize((side, side), Image.Resampling.NEAREST)).reshape(grid, patch, grid, patch)
-    cells, text = cells.transpose(0, 2, 1, 3).reshape(grid * grid, -1), text.transpose(0, 2, 1, 3).reshape(
-        grid * grid, -1)
+
+    def pixels_per_patch(view: Image.Image) -> np.ndarray:  # [grid², patch²], patches in raster order
+        cells = np.asarray(view.resize((side, side), Image.Resampling.NEAREST)).reshape(grid, patch, grid, patch)
+        return cells.transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+
+    cells, text = pixels_per_patch(ids), pixels_per_patch(text_ids)
     n = len(entities) + 1
     flat = np.arange(grid * grid)[:, None] * n + cells  # (patch, entity) pairs -> pixel counts
     counts = np.bincount(flat.ravel(), minlength=grid * grid * n).reshape(grid * grid, n)
@@ -247,11 +248,10 @@ def accuracy(tower, heads: PatchHeads, seed: int, kinds: list[str], n_views: int
     return {k: round(v, 4) for k, v in out.items()}
 
 
-def save_state(out: Path, step: int, tower, heads, optimizer) -> None:
-    tmp = out / f".{STATE_FILE}.tmp"
-    torch.save({"step": step, "tower": tower.state_dict(), "heads": heads.state_dict(),
-                "optimizer": optimizer.state_dict()}, tmp)
-    os.replace(tmp, out / STATE_FILE)
+def save_state(out: Path, step: int, tower, heads, optimizer, scheduler) -> None:
+    with atomic_file(out / STATE_FILE) as fh:
+        torch.save({"step": step, "tower": tower.state_dict(), "heads": heads.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, fh)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -310,20 +310,18 @@ def pretrain(args: argparse.Namespace) -> dict:
     heads = PatchHeads(tower.hidden_size)
     params = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    factor = lambda s: lr_factor(s, args.warmup_steps, args.max_steps, args.min_lr_rate)  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, args.warmup_steps, args.max_steps, args.min_lr_rate))
     start = 0
     if (out / STATE_FILE).exists():
         state = torch_load(out / STATE_FILE)
         tower.load_state_dict(state["tower"])
         heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])  # carries each group's current lr
+        scheduler.load_state_dict(state["scheduler"])  # its step count
         start = state["step"]
         if start > args.max_steps:
             raise CheckpointError(f"{out / STATE_FILE} is at step {start} > --max_steps {args.max_steps}")
-        scheduler.last_epoch = start  # LambdaLR's lr is base_lr * factor(step): no history needed
-        for group in optimizer.param_groups:
-            group["lr"] = args.learning_rate * factor(start)
         logger.info("resumed %s at step %d", out / STATE_FILE, start)
     tower.train()
     t0, window, logged = time.time(), {}, start  # losses are logged as means over the logging window
@@ -350,7 +348,7 @@ def pretrain(args: argparse.Namespace) -> dict:
                 f.write(json.dumps(entry) + "\n")
             logger.info("%s", entry)
         if done % args.save_steps == 0 and done < args.max_steps:
-            save_state(out, done, tower, heads, optimizer)
+            save_state(out, done, tower, heads, optimizer, scheduler)
     tower.eval()
     acc = accuracy(tower, heads, args.seed, args.kinds, args.eval_views, grid, patch)
     (out / "val_accuracy.json").write_text(json.dumps(acc, indent=1))
