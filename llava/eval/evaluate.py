@@ -200,8 +200,22 @@ def parse_system(spec: str) -> System:
     return System(label, method.name, options, adapter)
 
 
+def split_systems(text: str) -> list[str]:
+    """Split --systems at commas, except a comma inside an adapter path: after '@', the next piece joins the
+    path when the joined path exists on disk and the path so far does not (a folder named `run,lr=1e-3`)."""
+    entries: list[str] = []
+    for piece in text.split(","):
+        if entries and "@" in entries[-1]:
+            adapter = entries[-1].split("@", 1)[1].strip()
+            if not Path(adapter).exists() and Path(f"{adapter},{piece}".strip()).exists():
+                entries[-1] += "," + piece
+                continue
+        entries.append(piece)
+    return entries
+
+
 def parse_systems(text: str) -> list[System]:
-    systems = [parse_system(s) for s in text.split(",") if s.strip()]
+    systems = [parse_system(s) for s in split_systems(text) if s.strip()]
     if not systems:
         raise InputError("--systems is empty")
     labels = [s.label for s in systems]

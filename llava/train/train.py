@@ -815,8 +815,9 @@ def append_log(out: Path, entry: dict) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
-def truncate_log(out: Path, step: int) -> None:
-    path = out / LOG_NAME
+def truncate_log(out: Path, step: int, name: str = LOG_NAME) -> None:
+    """Drop the entries of the JSONL log `out/name` past `step`: a resumed run logs those steps again."""
+    path = out / name
     if path.is_file():
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
         path.write_text("".join(line + "\n" for line in keep))

@@ -72,6 +72,15 @@ def test_system_syntax():
     assert [s.label for s in parse_systems("pool, shirg ,lr=shirg:keep_ratio=0.4")] == ["pool", "shirg", "lr"]
 
 
+def test_a_comma_in_an_existing_adapter_folder_stays_in_the_path(tmp_path):
+    folder = tmp_path / "run,lr=1e-3"
+    folder.mkdir()
+    systems = parse_systems(f"pool,shirg@{folder},full")
+    assert [(s.method, s.adapter) for s in systems] == [("pool", None), ("shirg", str(folder)), ("full", None)]
+    # a path that does not exist is split as before (and then fails where adapters are loaded)
+    assert [s.method for s in parse_systems(f"shirg@{tmp_path / 'a'},pool")] == ["shirg", "pool"]
+
+
 def test_distance_buckets():
     assert [dist_bucket(d) for d in (0.0, 0.329, 0.33, 0.659, 0.66, 1.0)] == [
         "<0.33", "<0.33", "0.33-0.66", "0.33-0.66", ">=0.66", ">=0.66"]
