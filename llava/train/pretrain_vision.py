@@ -21,8 +21,8 @@ token asked the attributes of the entity painting it) learned colour only in 600
 at chance (CE = ln 5, ln 33); mixing those views into the crop batches stopped the crops learning shape too.
 Crops alone: shape CE 1.61 -> 0.63 in 700 steps. Labels are learnable at one fixed scale and centring (CE 3.5 ->
 0.9 in 400 steps) but not across the scales and sub-patch offsets a 14-px-patch ViT must be invariant to: with
-those the label CE stays at ln 33 through 700 steps of 128 crops, and widening the range gradually after learning them at one
-scale unlearns them. So this stage gives the tower colour and shape, not letters.
+those the label CE stays at ln 33 through 700 steps of 128 crops, and widening the range gradually after
+learning them at one scale unlearns them. So this stage gives the tower colour and shape, not letters.
 
 The same tower then feeds every method: this stage sees no question, no answer and nothing that differs between
 prune methods. The heads are thrown away; the output `<output_dir>/final` is an ordinary checkpoint folder
