@@ -15,7 +15,8 @@ Two models:
   re-running a ~1 min 5-view encode per baseline.
 
 A third table times whole answers (encode + prefill + 16 diffusion steps) on the small model
-with and without the prefix K/V cache, for pool, full and shirg.
+with and without the prefix K/V cache, for pool, full and shirg; a fourth gives their answers/s at
+batch 1, 4 and 8 (`generate_batch`, the evaluation harness's batched path).
 
 TopV selects inside the LM during prefill; here it scores the pre-LM features (its documented
 fallback), i.e. the same Sinkhorn work without an LM. This is a benchmark, not a test:
@@ -176,6 +177,33 @@ def bench_answers(model, tokenizer, image, question, methods, repeats, gen_lengt
     for m in methods:
         c, u = med[(m, True)], med[(m, False)]
         lines.append(f"{m:<10}{c * 1e3:>11.1f}{c / base:>7.2f}x{u * 1e3:>13.1f}{u / base:>7.2f}x{u / c:>15.2f}x")
+    return "\n".join(lines)
+
+
+def bench_throughput(model, tokenizer, image, question, methods, repeats, batches=(1, 4, 8), gen_length=32,
+                     steps=16) -> str:
+    """Answers per second at each batch size (`generate_batch`, prefix cache on): B copies of one question
+    answered together, median of `repeats` rounds after a warm-up round, interleaved across methods."""
+    from llava.conversation import build_prompt
+    from llava.mm_utils import tokenizer_image_token
+
+    ids = tokenizer_image_token(build_prompt(question), tokenizer)
+    qids = tokenizer(question, add_special_tokens=False).input_ids
+    times = {(m, b): [] for m in methods for b in batches}
+    for r in range(repeats + 1):
+        for m in methods:
+            for b in batches:
+                start = time.perf_counter()
+                model.generate_batch([ids] * b, [[image]] * b, prune_method=m, question_ids=[qids] * b,
+                                     gen_length=gen_length, block_length=gen_length, steps=steps)
+                if r:
+                    times[(m, b)].append(time.perf_counter() - start)
+    rate = {k: k[1] / statistics.median(v) for k, v in times.items()}
+    lines = [f"{'method':<10}" + "".join(f"{f'batch {b} ans/s':>17}" for b in batches)
+             + f"{f'x batch {batches[0]} at {batches[-1]}':>18}"]
+    for m in methods:
+        lines.append(f"{m:<10}" + "".join(f"{rate[(m, b)]:>17.2f}" for b in batches)
+                     + f"{rate[(m, batches[-1])] / rate[(m, batches[0])]:>17.2f}x")
     return "\n".join(lines)
 
 
@@ -386,6 +414,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     answer_methods = [m for m in encoded if m in methods]
     print(f"\n== built-in small model, whole answer (gen length 32, 16 steps): {head} {args.repeats} rounds ==")
     print(bench_answers(model, tok, image, args.question, answer_methods, args.repeats), flush=True)
+    print(f"\n== built-in small model, answers/s by batch size (generate_batch, cached): {head} {args.repeats} "
+          "rounds ==")
+    print(bench_throughput(model, tok, image, args.question, answer_methods, args.repeats), flush=True)
     if not args.skip_large:
         large = methods if "full" in methods else methods + ["full"]
         tok, model = so400m_bench_model()
