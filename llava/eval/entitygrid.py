@@ -15,6 +15,8 @@ What an image holds (kind "grid", the evaluation set):
 - entity sides log-uniform between 20 px and 9% of the image's longer side: in LaViDa's 384² global view (a
   plain resize of the whole image) they appear 5..35 px wide, from readable there to readable only at native
   resolution; positions uniform over the image, non-overlapping (≥ 4 px apart), on a faint background grid.
+Kind "sparse" (the curriculum's bridge to grids): a grid's image sizes and entity sizes, but 4..8 entities, so
+counting and finding a named pair stay possible while the model meets grid-scale images and entities.
 Kind "single" (an early curriculum stage): 384..768 px images with 1..3 large entities (15–35% of the shorter side).
 Kind "solo" (the first curriculum stage): 384..768 px images with ONE entity, 40–80% of the shorter side: the
 answer is in most of the image's tokens, so a model trained from scratch first learns to read the image at all
@@ -66,7 +68,7 @@ from llava.constants import DEFAULT_IMAGE_TOKEN, SIGLIP_IMAGE_SIZE
 
 GENERATOR_VERSION = "entitygrid-v1"
 SPLITS = ("train", "val", "test")
-KINDS = ("grid", "single", "solo")
+KINDS = ("grid", "sparse", "single", "solo")
 QTYPES = ("label", "colour", "shape", "count", "position")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -142,6 +144,10 @@ def make_scene(rng: random.Random, kind: str = "grid") -> dict:
     if kind == "grid":
         w, h = rng.randrange(768, 1537, 16), rng.randrange(768, 1537, 16)
         n = rng.randint(12, 24)
+        lo, hi = MIN_SIDE, max(MIN_SIDE * 2, 0.09 * max(w, h))
+    elif kind == "sparse":
+        w, h = rng.randrange(768, 1537, 16), rng.randrange(768, 1537, 16)
+        n = rng.randint(4, 8)
         lo, hi = MIN_SIDE, max(MIN_SIDE * 2, 0.09 * max(w, h))
     elif kind == "single":
         w, h = rng.randrange(384, 769, 16), rng.randrange(384, 769, 16)
@@ -377,7 +383,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="base seed; change it for a fresh set (default 0)")
     p.add_argument("--seed-offset", type=int, default=0, help="index of the first image (to generate in chunks)")
     p.add_argument("--kind", choices=KINDS, default="grid",
-                   help="grid: many small entities; single: 1-3 large; solo: one very large")
+                   help="grid: 12-24 small entities; sparse: 4-8 of them; single: 1-3 large; solo: one very large")
     p.add_argument("--questions-per-image", type=int, default=4)
     p.add_argument("--llava", action="store_true", help="also write <split>_llava.json (LLaVA training records)")
     args = p.parse_args(argv)

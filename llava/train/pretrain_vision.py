@@ -51,7 +51,7 @@ from llava.eval import entitygrid as eg
 from llava.mm_utils import image_to_tensor
 from llava.model.builder import SMALL_MODEL_NAME, load_pretrained_model, save_pretrained
 from llava.train.checkpoint import torch_load
-from llava.train.train import FINAL_DIR, lr_factor, setup_logging, truncate_log
+from llava.train.train import FINAL_DIR, append_log, lr_factor, setup_logging, truncate_log
 from llava.utils import atomic_file, logger
 
 STATE_FILE = "state.pt"
@@ -217,8 +217,7 @@ def pretrain(args: argparse.Namespace) -> dict:
                      **{k: round(v / n, 4) for k, v in window.items()},
                      "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)}
             window, logged = {}, done
-            with open(out / LOG_FILE, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            append_log(out, entry, LOG_FILE)
             logger.info("%s", entry)
         if done % args.save_steps == 0 and done < args.max_steps:
             save_state(out, done, tower, heads, optimizer, scheduler)

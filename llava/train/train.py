@@ -810,8 +810,9 @@ def save_checkpoint(out: Path, step: int, setup: TrainSetup, engine, dist: Dist,
     return path
 
 
-def append_log(out: Path, entry: dict) -> None:
-    with open(out / LOG_NAME, "a") as f:
+def append_log(out: Path, entry: dict, name: str = LOG_NAME) -> None:
+    """Append one entry to the JSONL log `out/name`."""
+    with open(out / name, "a") as f:
         f.write(json.dumps(entry) + "\n")
 
 

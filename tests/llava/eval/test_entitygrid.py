@@ -161,6 +161,19 @@ def test_single_kind_has_few_large_entities(tmp_path):
             assert item["meta"]["size_bucket"] == "global"
 
 
+def test_sparse_kind_has_grid_scale_images_with_few_entities(tmp_path):
+    eg.generate(tmp_path, "train", 12, kind="sparse")
+    scenes = json.loads((tmp_path / "train_scenes.json").read_text())
+    items = json.loads((tmp_path / "train.json").read_text())
+    for scene in scenes.values():
+        w, h = scene["size"]
+        assert 768 <= w <= 1536 and 768 <= h <= 1536 and 4 <= len(scene["entities"]) <= 8
+        assert all(eg.MIN_SIDE <= e["size"] <= max(2 * eg.MIN_SIDE, 0.09 * max(w, h)) + 1 for e in scene["entities"])
+    assert {it["meta"]["qtype"] for it in items} >= {"count", "position"}
+    for item in items:
+        assert item["answers"] == [_derive(item["question"], scenes[item["image"]]["entities"])]
+
+
 def test_solo_kind_has_one_very_large_entity_and_no_position_questions(tmp_path):
     eg.generate(tmp_path, "train", 12, kind="solo")
     scenes = json.loads((tmp_path / "train_scenes.json").read_text())
