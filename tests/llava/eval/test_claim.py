@@ -4,7 +4,14 @@ from pathlib import Path
 import pytest
 
 from llava.errors import InputError
-from llava.eval.claim import KEEP_RATIO_ABLATION, SCORE_ABLATION, claim_systems, replace_between_markers
+from llava.eval.claim import (
+    KEEP_RATIO_ABLATION,
+    SCORE_ABLATION,
+    answer_prior,
+    claim_systems,
+    prior_line,
+    replace_between_markers,
+)
 from llava.eval.evaluate import parse_systems
 from shirg_patches import REGISTRY
 
@@ -46,3 +53,17 @@ def test_every_eval_cli_reports_a_bad_flag_in_one_line(module, argv, capsys):
         importlib.import_module(module).main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+
+
+def test_answer_prior_takes_each_question_forms_most_frequent_answer():
+    def item(qtype, answer, **meta):
+        return {"meta": {"qtype": qtype, **meta}, "answers": [answer]}
+
+    items = [item("count", "0", count_of={"colour": "red"}), item("count", "0", count_of={"colour": "blue"}),
+             item("count", "2", count_of={"shape": "circle"}), item("position", "left", axis="x"),
+             item("position", "right", axis="x"), item("position", "above", axis="y"), item("label", "K")]
+    prior = answer_prior(items)
+    assert prior["count"] == 100.0  # "0" for the colour form, "2" for the shape form
+    assert prior["position"] == pytest.approx(200 / 3)  # one of the two x answers, and "above"
+    assert prior["overall"] == pytest.approx(600 / 7)
+    assert "overall 85.7 %; count 100.0, label 100.0, position 66.7." in prior_line(items)
