@@ -336,3 +336,14 @@ def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE
     if return_tensors == "pt":
         return torch.tensor(input_ids, dtype=torch.long)
     raise ValueError(f"unsupported return_tensors {return_tensors!r}; use None or 'pt'")
+
+
+def inference_ids(tokenizer, question: str, prompt_text: str | None = None, with_image: bool = True):
+    """(prompt ids, question ids) for one answer: the `llada` inference prompt around `prompt_text` (default the
+    question itself; callers add their answer-format suffix there) tokenised with `tokenizer_image_token`, and the
+    bare question's ids, which text-relevance methods (SHIRG) score against; None when there is no question."""
+    from llava.conversation import build_prompt
+
+    prompt = build_prompt(question if prompt_text is None else prompt_text, with_image=with_image)
+    qids = tokenizer(question, add_special_tokens=False).input_ids if question else None
+    return tokenizer_image_token(prompt, tokenizer), qids

@@ -43,7 +43,7 @@ from typing import Optional, Sequence
 import torch
 
 from llava.eval.run import DEFAULT_IMAGE, DEFAULT_QUESTION
-from llava.mm_utils import load_image
+from llava.mm_utils import inference_ids, load_image
 from llava.utils import StageTimer
 
 
@@ -155,18 +155,9 @@ def format_table(title: str, samples: dict[str, Samples]) -> str:
     return "\n".join(lines)
 
 
-def prompt_ids(tokenizer, question: str) -> tuple[list[int], list[int]]:
-    """The inference prompt's ids around `<image>` and the question's own ids (SHIRG's text relevance)."""
-    from llava.conversation import build_prompt
-    from llava.mm_utils import tokenizer_image_token
-
-    return tokenizer_image_token(build_prompt(question), tokenizer), tokenizer(
-        question, add_special_tokens=False).input_ids
-
-
 def bench_answers(model, tokenizer, image, question, methods, repeats, gen_length=32, steps=16) -> str:
     """Whole-answer latency (encode + prefill + steps) with and without the prefix cache."""
-    ids, qids = prompt_ids(tokenizer, question)
+    ids, qids = inference_ids(tokenizer, question)
     times = {(m, c): [] for m in methods for c in (True, False)}
     for r in range(repeats + 1):
         for m in methods:
@@ -189,7 +180,7 @@ def bench_throughput(model, tokenizer, image, question, methods, repeats, batche
                      steps=16) -> str:
     """Answers per second at each batch size (`generate_batch`, prefix cache on): B copies of one question
     answered together, median of `repeats` rounds after a warm-up round, interleaved across methods."""
-    ids, qids = prompt_ids(tokenizer, question)
+    ids, qids = inference_ids(tokenizer, question)
     times = {(m, b): [] for m in methods for b in batches}
     for r in range(repeats + 1):
         for m in methods:

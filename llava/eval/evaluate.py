@@ -593,10 +593,9 @@ class Evaluator:
 
     def prepare(self, unit: Unit, tokenizer):
         """(image, input_ids, question_ids) for one unit, or a skip record."""
-        from llava.conversation import build_prompt
         from llava.errors import ImageError
         from llava.eval.datasets import DATASET_SPECS
-        from llava.mm_utils import load_image, tokenizer_image_token
+        from llava.mm_utils import inference_ids, load_image
         from shirg_patches import get_method
 
         if unit.item is None:
@@ -612,9 +611,7 @@ class Evaluator:
         except ImageError as e:
             log.warning("%s %s: image failed to decode (%s); skipped", unit.dataset, unit.id, e)
             return skip_record(unit, "bad_image", str(e))
-        prompt = build_prompt(DATASET_SPECS[unit.dataset].prompt(question))
-        ids = tokenizer_image_token(prompt, tokenizer)
-        qids = tokenizer(question, add_special_tokens=False).input_ids if question else None
+        ids, qids = inference_ids(tokenizer, question, DATASET_SPECS[unit.dataset].prompt(question))
         return image, ids, qids
 
     def run_units(self, model, tokenizer, system, dataset, units, writer, progress) -> None:

@@ -127,9 +127,8 @@ class ShirgLavida(_Base):
         """One answer per request, in request order; requests with equal gen_kwargs are sampled in batches."""
         from tqdm import tqdm
 
-        from llava.conversation import build_prompt
         from llava.eval.evaluate import decode_answer
-        from llava.mm_utils import load_image, tokenizer_image_token
+        from llava.mm_utils import inference_ids, load_image
 
         answers: list[Optional[str]] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -151,9 +150,10 @@ class ShirgLavida(_Base):
                         raise InputError(f"{MODEL_NAME}: {task} doc {doc_id} has {len(visuals)} images; "
                                          "LaViDa's prompt takes one")
                     text = context.replace("<image>", "").strip()
-                    ids.append(tokenizer_image_token(build_prompt(text, with_image=bool(visuals)), self.tokenizer))
+                    prompt_ids, question_ids = inference_ids(self.tokenizer, text, with_image=bool(visuals))
+                    ids.append(prompt_ids)
                     images.append(visuals)
-                    qids.append(self.tokenizer(text, add_special_tokens=False).input_ids if text else None)
+                    qids.append(question_ids)
                 outs = self.model.generate_batch(ids, images, prune_method=self.prune_method, question_ids=qids,
                                                  prune_options={**self.prune_options, "seed": self.seed}, **settings)
                 for i, out in zip(chunk, outs):

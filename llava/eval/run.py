@@ -19,11 +19,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from llava.conversation import build_prompt
 from llava.errors import InputError, LavidaError, OneLineParser
 from llava.eval.datasets import SHORT_ANSWER_SUFFIX
 from llava.eval.metrics import exact_match
-from llava.mm_utils import load_image, tokenizer_image_token
+from llava.mm_utils import inference_ids, load_image
 from llava.model.builder import SMALL_MODEL_NAME, load_pretrained_model
 from llava.model.language_model.llada.generate import (
     SCHEDULES,
@@ -171,9 +170,8 @@ def run(args) -> dict:
     with timer("preprocess"):
         image = load_image(args.image)
     tokenizer, model, _, _ = load_pretrained_model(args.model_path, args.model_base, device=device)
-    prompt = build_prompt(f"{question}{SHORT_ANSWER_SUFFIX}" if args.short_answer else question)
-    input_ids = tokenizer_image_token(prompt, tokenizer)
-    question_ids = tokenizer(question, add_special_tokens=False).input_ids if question else None
+    input_ids, question_ids = inference_ids(
+        tokenizer, question, f"{question}{SHORT_ANSWER_SUFFIX}" if args.short_answer else question)
     out = model.generate(
         input_ids, [image], prune_method=method.name, question_ids=question_ids,
         prune_options={**opts, "seed": args.seed},
