@@ -141,13 +141,9 @@ def _log_uniform(rng: random.Random, lo: float, hi: float) -> int:
 def make_scene(rng: random.Random, kind: str = "grid") -> dict:
     """Draw an image size and non-overlapping entities: {"size": [W, H], "entities": [{colour, shape, label,
     box, size}, ...]} (largest first)."""
-    if kind == "grid":
+    if kind in ("grid", "sparse"):  # the same image and entity sizes; sparse has fewer entities
         w, h = rng.randrange(768, 1537, 16), rng.randrange(768, 1537, 16)
-        n = rng.randint(12, 24)
-        lo, hi = MIN_SIDE, max(MIN_SIDE * 2, 0.09 * max(w, h))
-    elif kind == "sparse":
-        w, h = rng.randrange(768, 1537, 16), rng.randrange(768, 1537, 16)
-        n = rng.randint(4, 8)
+        n = rng.randint(12, 24) if kind == "grid" else rng.randint(4, 8)
         lo, hi = MIN_SIDE, max(MIN_SIDE * 2, 0.09 * max(w, h))
     elif kind == "single":
         w, h = rng.randrange(384, 769, 16), rng.randrange(384, 769, 16)
