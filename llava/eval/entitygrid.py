@@ -1,7 +1,8 @@
 """EntityGrid-QA: a seeded synthetic VQA set of small labelled shapes on large images.
 
     python -m llava.eval.entitygrid --split test --n 200 --out data/entitygrid [--seed S] [--seed-offset K]
-                                    [--kind grid|single|solo] [--questions-per-image 4]
+                                    [--kind grid|sparse|single|solo] [--questions-per-image 4]
+                                    [--qtypes count,position] [--balanced-counts]
 
 writes `<out>/<split>.json` (the plain JSON list read by `llava.eval.datasets`: image, question, answers, id,
 meta), `<out>/<split>_scenes.json` (every image's entities, for analysis and tests) and `<out>/images/*.png`.
@@ -29,7 +30,10 @@ Questions (4 per image by default, of distinct types, drawn at random; the image
     count     "How many triangles are there?" / "How many blue shapes are there?" -> "0".."8"
     position  "Is the red circle left or right of the blue square?"  -> "left"/"right" (or above/below); only asked
               about pairs whose extents on that axis do not overlap.
-The answer vocabulary is closed: `ANSWER_VOCAB`.
+The answer vocabulary is closed: `ANSWER_VOCAB`. Two knobs exist for training sets only (the defaults make the
+evaluation splits, unchanged by them): `--qtypes` restricts the types asked (a type listed twice is asked about
+twice as often), and `--balanced-counts` makes half of the count questions name a colour or shape the image has
+(drawn uniformly, a one-entity image's colour count is 0 for 7 of 8 colours, and a model learns "always 0").
 
 Item meta (for breakdowns): qtype; kind; image_size [W, H]; n_entities; target (the entity asked about: colour,
 shape, label, box [x0, y0, x1, y1] with x1/y1 exclusive, size); box; size_px (side of the target's box);
@@ -235,8 +239,11 @@ def _separated(a: dict, b: dict, axis: str) -> bool:
     return a["box"][i1] <= b["box"][i0] or b["box"][i1] <= a["box"][i0]
 
 
-def _question(qtype: str, scene: dict, rng: random.Random) -> tuple[str, str, dict] | None:
-    """(question, answer, meta) of one type, or None when the scene cannot support that type."""
+def _question(qtype: str, scene: dict, rng: random.Random, balanced_counts: bool = False
+              ) -> tuple[str, str, dict] | None:
+    """(question, answer, meta) of one type, or None when the scene cannot support that type. With
+    `balanced_counts`, a count question names a colour or shape present in the image half of the time (drawn
+    uniformly, few-entity images would get "0" most of the time: 7/8 of colour counts on a one-entity image)."""
     w, h = scene["size"]
     ents = scene["entities"]
     if not ents:
@@ -253,12 +260,13 @@ def _question(qtype: str, scene: dict, rng: random.Random) -> tuple[str, str, di
         return q, a, {"target": dict(e), "box": geo["box"], "center_dist": geo["center_dist"],
                       **_size_fields(e["size"], w, h)}
     if qtype == "count":
+        present = balanced_counts and rng.random() < 0.5
         if rng.random() < 0.5:
-            shape = rng.choice(SHAPES)
+            shape = rng.choice(sorted({e["shape"] for e in ents}) if present else SHAPES)
             counted = [e for e in ents if e["shape"] == shape]
             q, of = f"How many {PLURAL[shape]} are there?", {"shape": shape}
         else:
-            colour = rng.choice(list(COLOURS))
+            colour = rng.choice(sorted({e["colour"] for e in ents}) if present else list(COLOURS))
             counted = [e for e in ents if e["colour"] == colour]
             q, of = f"How many {colour} shapes are there?", {"colour": colour}
         smallest = min((e["size"] for e in counted), default=None)
@@ -285,30 +293,37 @@ def _question(qtype: str, scene: dict, rng: random.Random) -> tuple[str, str, di
     return None
 
 
-def make_questions(scene: dict, rng: random.Random, k: int = 4) -> list[tuple[str, str, dict]]:
-    """Up to `k` questions of distinct types in random order (types the scene cannot support are skipped; if
-    k exceeds the number of types, types repeat)."""
-    order = list(QTYPES)
+def make_questions(scene: dict, rng: random.Random, k: int = 4, qtypes: tuple[str, ...] = QTYPES,
+                   balanced_counts: bool = False) -> list[tuple[str, str, dict]]:
+    """Up to `k` questions of distinct types from `qtypes` in random order (types the scene cannot support are
+    skipped; if k exceeds the number of types, types repeat). The defaults make the evaluation splits; `qtypes`
+    and `balanced_counts` (see `_question`) are training-curriculum knobs."""
+    unknown = set(qtypes) - set(QTYPES)
+    if unknown or not qtypes:
+        raise ValueError(f"question types {sorted(unknown) or '(none)'}: choose from {', '.join(QTYPES)}")
+    order = list(qtypes)
     rng.shuffle(order)
     out = []
     for j in range(max(k, 0) * 3):
         if len(out) == k:
             break
         qtype = order[j % len(order)]
-        made = _question(qtype, scene, rng)
+        made = _question(qtype, scene, rng, balanced_counts)
         if made is not None:
             q, a, meta = made
             out.append((q, a, {"qtype": qtype, **meta}))
     return out
 
 
-def make_sample(split: str, index: int, seed: int = 0, kind: str = "grid", questions_per_image: int = 4):
-    """Image `index` of a split, in memory: (PIL palette image, scene dict, [(question, answer, meta), ...])."""
+def make_sample(split: str, index: int, seed: int = 0, kind: str = "grid", questions_per_image: int = 4,
+                qtypes: tuple[str, ...] = QTYPES, balanced_counts: bool = False):
+    """Image `index` of a split, in memory: (PIL palette image, scene dict, [(question, answer, meta), ...]).
+    The image depends only on (kind, split, seed, index); `qtypes` / `balanced_counts` change its questions."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     rng = _rng(kind, split, seed, index)
     scene = make_scene(rng, kind)
-    questions = make_questions(scene, rng, questions_per_image)
+    questions = make_questions(scene, rng, questions_per_image, qtypes, balanced_counts)
     w, h = scene["size"]
     for _, _, meta in questions:
         meta.update(kind=kind, image_size=[w, h], n_entities=len(scene["entities"]))
@@ -342,7 +357,8 @@ def to_llava_records(items: list[dict]) -> list[dict]:
 
 
 def generate(out: str | Path, split: str, n: int, seed: int = 0, seed_offset: int = 0, kind: str = "grid",
-             questions_per_image: int = 4, llava: bool = False) -> dict:
+             questions_per_image: int = 4, llava: bool = False, qtypes: tuple[str, ...] = QTYPES,
+             balanced_counts: bool = False) -> dict:
     """Write n images (indices seed_offset .. seed_offset+n-1) and their items under `out`; return stats
     {"images", "items", "seconds", "images_per_s", "items_per_s", "json"}. With `llava`, also
     `<split>_llava.json`: the same items as LLaVA training records (`to_llava_records`)."""
@@ -353,7 +369,7 @@ def generate(out: str | Path, split: str, n: int, seed: int = 0, seed_offset: in
     items, scenes = [], {}
     start = time.perf_counter()
     for index in range(seed_offset, seed_offset + n):
-        image, scene, questions = make_sample(split, index, seed, kind, questions_per_image)
+        image, scene, questions = make_sample(split, index, seed, kind, questions_per_image, qtypes, balanced_counts)
         stem = f"{split}-{kind}-s{seed}-{index:06d}"
         rel = f"images/{stem}.png"
         image.save(out / rel)
@@ -382,11 +398,19 @@ def main(argv=None) -> int:
                    help="grid: 12-24 small entities; sparse: 4-8 of them; single: 1-3 large; solo: one very large")
     p.add_argument("--questions-per-image", type=int, default=4)
     p.add_argument("--llava", action="store_true", help="also write <split>_llava.json (LLaVA training records)")
+    p.add_argument("--qtypes", default=",".join(QTYPES),
+                   help=f"comma-separated question types to ask (training curricula; default all: {','.join(QTYPES)})")
+    p.add_argument("--balanced-counts", action="store_true",
+                   help="count questions name a colour/shape present in the image half of the time (training "
+                        "curricula: on few-entity images most counts are otherwise 0)")
     args = p.parse_args(argv)
     if args.n < 0 or args.seed_offset < 0 or args.questions_per_image < 1:
         p.error("--n and --seed-offset must be >= 0 and --questions-per-image >= 1")
+    qtypes = tuple(t for t in args.qtypes.split(",") if t)
+    if not qtypes or set(qtypes) - set(QTYPES):
+        p.error(f"--qtypes {args.qtypes!r}: choose from {', '.join(QTYPES)}")
     stats = generate(args.out, args.split, args.n, args.seed, args.seed_offset, args.kind, args.questions_per_image,
-                     args.llava)
+                     args.llava, qtypes, args.balanced_counts)
     print(f"wrote {stats['items']} items on {stats['images']} images to {stats['json']} in {stats['seconds']} s "
           f"({stats['images_per_s']} images/s, {stats['items_per_s']} items/s)")
     return 0

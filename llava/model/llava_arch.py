@@ -251,7 +251,9 @@ class LlavaMetaForCausalLM:
         return self._encode_anyres(method, request, timer)
 
     def _encode_single_view(self, image, method, timer) -> VisualTokens:
-        """`square`/`pad` aspect (stage-1, low-res): one 384² view, 729 tokens, no pooling or merge."""
+        """`square`/`pad` aspect (stage-1, low-res): one 384² view, 729 tokens, no merge. Upstream never pools
+        this path; config `mm_2d_pool: true` (this project's key, never in an upstream config) pools it to 196
+        like an any-res view: a curriculum stage on one-view images at a quarter of the LM's sequence."""
         if method.select is not None:
             raise InputError(f"--prune_method {method.name} needs image_aspect_ratio 'anyres'")
         with timer("preprocess"):
@@ -264,9 +266,16 @@ class LlavaMetaForCausalLM:
         with timer("vision"):
             feats = self.vision_features(pixels, False).features
         with timer("projector"):
-            tokens = self.project(feats)[0]
+            tokens = self.project(feats)
         side = self.model.vision_tower.num_patches_per_side
-        return VisualTokens(tokens, method.name, tokens.shape[0], [(side, side)], info={"pooling": "off (single view)"})
+        if self.mm_config.mm_2d_pool is True:
+            tokens = pool_2d(tokens, self.mm_config.mm_spatial_pool_mode)
+            side = math.isqrt(tokens.shape[1])
+            reason = "on (single view, config mm_2d_pool)"
+        else:
+            reason = "off (single view)"
+        tokens = tokens[0]
+        return VisualTokens(tokens, method.name, tokens.shape[0], [(side, side)], info={"pooling": reason})
 
     def _pooling_decision(self, method: PruneMethod, pool: Optional[bool]) -> tuple[bool, str]:
         if method.select is not None:

@@ -188,6 +188,30 @@ def test_solo_kind_has_one_very_large_entity_and_no_position_questions(tmp_path)
         assert item["answers"] == [_derive(item["question"], scenes[item["image"]]["entities"])]
 
 
+def test_training_question_knobs_change_only_the_questions(tmp_path):
+    """--qtypes restricts the question types; --balanced-counts makes half the counts name a colour/shape that is
+    in the image. Images and scenes are unchanged, and the defaults give the evaluation splits as before."""
+    eg.generate(tmp_path / "plain", "train", 40, kind="solo")
+    eg.main(["--split", "train", "--n", "40", "--kind", "solo", "--out", str(tmp_path / "bal"),
+             "--qtypes", "count,colour", "--balanced-counts"])
+    for name in ("train_scenes.json",):
+        assert (tmp_path / "plain" / name).read_text() == (tmp_path / "bal" / name).read_text()
+    scenes = json.loads((tmp_path / "bal" / "train_scenes.json").read_text())
+    items = json.loads((tmp_path / "bal" / "train.json").read_text())
+    assert {it["meta"]["qtype"] for it in items} == {"count", "colour"}
+    counts = [it["answers"][0] for it in items if it["meta"]["qtype"] == "count"]
+    plain = [it["answers"][0] for it in json.loads((tmp_path / "plain" / "train.json").read_text())
+             if it["meta"]["qtype"] == "count"]
+    assert 0.35 < counts.count("1") / len(counts) < 0.8 and plain.count("1") / len(plain) < 0.35
+    for item in items:
+        assert item["answers"] == [_derive(item["question"], scenes[item["image"]]["entities"])]
+    assert eg.make_sample("test", 3) == eg.make_sample("test", 3, qtypes=eg.QTYPES, balanced_counts=False)
+    with pytest.raises(ValueError, match="question types"):
+        eg.make_sample("test", 3, qtypes=("colour", "size"))
+    with pytest.raises(SystemExit):
+        eg.main(["--split", "val", "--n", "1", "--out", str(tmp_path), "--qtypes", "size"])
+
+
 def test_cli(tmp_path, capsys):
     assert eg.main(["--split", "val", "--n", "3", "--out", str(tmp_path), "--questions-per-image", "2"]) == 0
     assert "wrote 6 items on 3 images" in capsys.readouterr().out

@@ -14,7 +14,7 @@ from llava.errors import ConfigError, InputError
 from llava.mm_utils import process_anyres_image, tokenizer_image_token
 from llava.model.builder import small_model_config
 from llava.model.language_model.llava_llada import LlavaLLaDAConfig, LlavaLLaDAForCausalLM
-from llava.model.llava_arch import POOL_ENV, MultimodalConfig, VisualTokens, resolve_pooling
+from llava.model.llava_arch import POOL_ENV, MultimodalConfig, VisualTokens, pool_2d, resolve_pooling
 from shirg_patches import REGISTRY
 
 
@@ -102,6 +102,22 @@ def test_single_view_aspects_give_729_and_reject_pruning(small_tokenizer, aspect
     assert count(model, (768, 768), "shirg") == 980
     with pytest.raises(InputError, match="anyres"):
         count(model, (768, 768), "random")
+
+
+@pytest.mark.shapes
+def test_single_view_pools_only_with_explicit_mm_2d_pool(small_tokenizer):
+    """This project's `mm_2d_pool: true` pools the single view to 14x14 = 196 (a cheaper curriculum stage); the
+    pooled tokens are exactly pool_2d of the unpooled view's, and null (every upstream config) keeps 729."""
+    plain = build_variant(small_tokenizer, image_aspect_ratio="pad")
+    pooled = build_variant(small_tokenizer, image_aspect_ratio="pad", mm_2d_pool=True)
+    pooled.load_state_dict(plain.state_dict())
+    image = Image.new("RGB", (500, 300), (200, 30, 30))
+    with torch.no_grad():
+        full = plain.encode_image(image, "pool")
+        small = pooled.encode_image(image, "pool")
+    assert full.tokens.shape[0] == 729 and small.tokens.shape[0] == 196
+    assert small.view_shapes == [(14, 14)] and "mm_2d_pool" in small.info["pooling"]
+    assert torch.equal(small.tokens, pool_2d(full.tokens[None], "bilinear")[0])
 
 
 @pytest.mark.shapes
