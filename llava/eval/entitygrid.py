@@ -293,14 +293,19 @@ def _question(qtype: str, scene: dict, rng: random.Random, balanced_counts: bool
     return None
 
 
+def check_qtypes(qtypes: tuple[str, ...]) -> None:
+    """Raise ValueError unless `qtypes` is a non-empty list of known question types."""
+    unknown = set(qtypes) - set(QTYPES)
+    if unknown or not qtypes:
+        raise ValueError(f"question types {sorted(unknown) or '(none)'}: choose from {', '.join(QTYPES)}")
+
+
 def make_questions(scene: dict, rng: random.Random, k: int = 4, qtypes: tuple[str, ...] = QTYPES,
                    balanced_counts: bool = False) -> list[tuple[str, str, dict]]:
     """Up to `k` questions of distinct types from `qtypes` in random order (types the scene cannot support are
     skipped; if k exceeds the number of types, types repeat). The defaults make the evaluation splits; `qtypes`
     and `balanced_counts` (see `_question`) are training-curriculum knobs."""
-    unknown = set(qtypes) - set(QTYPES)
-    if unknown or not qtypes:
-        raise ValueError(f"question types {sorted(unknown) or '(none)'}: choose from {', '.join(QTYPES)}")
+    check_qtypes(qtypes)
     order = list(qtypes)
     rng.shuffle(order)
     out = []
@@ -407,8 +412,10 @@ def main(argv=None) -> int:
     if args.n < 0 or args.seed_offset < 0 or args.questions_per_image < 1:
         p.error("--n and --seed-offset must be >= 0 and --questions-per-image >= 1")
     qtypes = tuple(t for t in args.qtypes.split(",") if t)
-    if not qtypes or set(qtypes) - set(QTYPES):
-        p.error(f"--qtypes {args.qtypes!r}: choose from {', '.join(QTYPES)}")
+    try:
+        check_qtypes(qtypes)
+    except ValueError as e:
+        p.error(f"--qtypes {args.qtypes!r}: {e}")
     stats = generate(args.out, args.split, args.n, args.seed, args.seed_offset, args.kind, args.questions_per_image,
                      args.llava, qtypes, args.balanced_counts)
     print(f"wrote {stats['items']} items on {stats['images']} images to {stats['json']} in {stats['seconds']} s "
