@@ -11,12 +11,13 @@
 # image), and that is learned only after a plateau of thousands of matching questions, per colour and shape. So
 # the matching is taught first where it is easiest, with the answers balanced so the prior cannot hide it:
 #   stage 0  the SigLIP tower alone (llava.train.pretrain_vision): 112² crops centred on one entity at sides
-#            10-100 px, its colour / shape / label read by linear heads from the mean token -- the stand-in for the
+#            10-100 px, its colour / shape / label read by linear heads from the mean token, and per token its
+#            (x, y) and whether an entity's centre is in its patch (so tokens keep where they are) -- the stand-in for the
 #            SigLIP pretraining no one can download here. It learns colour and shape, not labels (val crop
 #            accuracy in $OUT/stage0/val_accuracy.json): reading a letter at any scale and sub-patch offset is an
-#            invariance a 64-wide ViT from scratch does not learn in this budget, so no later stage trains on
-#            questions that need a label read (label, colour-of-label, shape-of-label) except stage 1, where one
-#            entity makes the label irrelevant
+#            invariance a 64-wide ViT from scratch does not learn in this budget, so stages 2-3 do not train on
+#            questions that need a label read (label, colour-of-label, shape-of-label); stage 1 keeps them (one
+#            entity makes the label irrelevant), the grid stages 4-5 keep all five
 #   stage 1  "solo" images (ONE entity, 40-80% of the shorter side): name its colour and shape, and count
 #            questions whose colour/shape is in the image half the time (--balanced-counts; drawn uniformly it
 #            would be 0 for 7/8 of colour counts, and "always 0" is what the model then learns)
@@ -27,7 +28,8 @@
 #   stages 1-3 see ONE 384² view pooled to 14x14 = 196 tokens (image_aspect_ratio pad + this project's config
 #            key mm_2d_pool true): a quarter of the LM's sequence of the unpooled view, enough for entities this
 #            large
-#   stage 4  "grid" images (12-24 entities of all sizes), counts and positions, LaViDa's any-res views pooled
+#   stage 4  "grid" images (12-24 entities of all sizes), all five question types (counts and positions twice
+#            as often; the label types then at least score their prior), LaViDa's any-res views pooled
 #            to ~1,000 tokens (image_aspect_ratio anyres, --prune_method pool): the LaViDa-style baseline model
 #   stage 5  the same grids, --prune_method shirg, LoRA on SigLIP layers 0-3 q/k/v (+4-5 q/k where they exist)
 #            and the projector from scripts/lora_shirg.yaml (rank 16 here: the small widths are 64), the rest
@@ -72,7 +74,7 @@ log "data: $N_SOLO solo, $N_SINGLE single, $N_GRID grid EntityGrid training imag
 data solo solo "$N_SOLO" 4 colour,shape,count
 data solo-count solo "$N_SOLO" 2 count
 data single-cp single "$N_SINGLE" 4 count,position
-data grid-cp grid "$N_GRID" 4 count,position
+data grid-all grid "$N_GRID" 4 label,colour,shape,count,count,position,position
 
 # --extra_pad_max 16: LaViDa appends up to 128 extra EOS targets to a batch; with one-word answers those would be
 # ~95 % of the token-mean loss, so the answer's signal is diluted ~20x. 16 keeps some answer-length variety.
@@ -104,10 +106,10 @@ stage 2 "$OUT/stage1/final" solo-count "$STEPS2" 1e-3 0.3 "$BATCH" --prune_metho
 log "stage 3: single images (1-3 entities), counts and positions, $STEPS3 steps"
 stage 3 "$OUT/stage2/final" single-cp "$STEPS3" 1e-3 0.3 "$BATCH" --prune_method lavida "${frozen_siglip[@]}"
 log "stage 4: grids, any-res views pooled (LaViDa-style), $STEPS4 steps"
-stage 4 "$OUT/stage3/final" grid-cp "$STEPS4" 1e-3 0.1 "$((BATCH / 2))" \
+stage 4 "$OUT/stage3/final" grid-all "$STEPS4" 1e-3 0.1 "$((BATCH / 2))" \
     --config_overrides '{"image_aspect_ratio": "anyres", "mm_2d_pool": null}' --prune_method pool "${frozen_siglip[@]}"
 log "stage 5: SHIRG LoRA on grids, $STEPS5 steps"
-stage 5 "$OUT/stage4/final" grid-cp "$STEPS5" 1e-3 0.1 "$((BATCH / 2))" --prune_method shirg \
+stage 5 "$OUT/stage4/final" grid-all "$STEPS5" 1e-3 0.1 "$((BATCH / 2))" --prune_method shirg \
     --lora_enable True --lora_config scripts/lora_shirg.yaml --lora_r 16 --lora_alpha 32
 
 log "copying the results to $MODEL_DIR and $MODEL_DIR-shirg-lora"

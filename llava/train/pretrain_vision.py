@@ -14,7 +14,12 @@ each centred, with jitter, on one entity of a generator image, scaled so that th
 CROP_ENTITY_SIDE -- from a blob of a patch to a shape filling the crop, the range in which grid entities appear in
 LaViDa's views and SHIRG's fovea. The colour, shape and label of that entity are read by one linear classifier
 each from the mean of the crop's tokens: the tokens must carry what the entity is, as the LM's attention later
-reads them. A 729-token view costs ~12x a crop here, so a step of 128 crops costs about 10 full views.
+reads them. Two per-token linear heads ask every token where it is (its patch centre's (x, y) in the crop, in
+[-1, 1]; squared error) and whether an entity's centre lies in its patch (binary cross-entropy): without them a
+linear read-out of a token's row or column from the tower's features had held-out R² < 0 (left/right questions
+then have nothing to read), and one marked token per entity is what a count can add up, where the number of
+tokens an entity paints grows with its size. A 729-token view costs ~12x a crop here, so a step of 128 crops
+costs about 10 full views.
 
 What was measured on the way (64-wide tower, 2-core CPU): dense per-patch targets on whole 384² views (each
 token asked the attributes of the entity painting it) learned colour only in 600 steps, shape and label stayed
@@ -46,6 +51,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from llava.constants import SIGLIP_PATCH_SIZE
 from llava.errors import CheckpointError, ConfigError, LavidaError
 from llava.eval import entitygrid as eg
 from llava.mm_utils import image_to_tensor
@@ -60,20 +66,54 @@ ATTRIBUTES = {"colour": tuple(eg.COLOURS), "shape": eg.SHAPES, "label": eg.LABEL
 CROP_PX = 112  # crop side fed to the tower: 8x8 tokens
 CROP_ENTITY_SIDE = (10.0, 100.0)  # the centre entity's side in crop pixels, log-uniform
 CROPS_PER_IMAGE = 8  # crops drawn from each generated image (drawing the image is the costly part)
+CROP_GRID = CROP_PX // SIGLIP_PATCH_SIZE
 
 
 class CropHeads(nn.Module):
-    """One linear classifier per attribute on the mean of a crop's tokens (LayerNorm first: the tower's output
-    is the unnormalised residual stream LaViDa's projector reads)."""
+    """One linear classifier per attribute on the mean of a crop's tokens, and two per-token linear heads: the
+    token's own (x, y) in the crop and whether an entity's centre lies in its patch (LayerNorm first everywhere:
+    the tower's output is the unnormalised residual stream LaViDa's projector reads).
+
+    Why the per-token heads: with the mean-token heads alone, a linear read-out of a token's row or column from
+    its features had held-out R² < 0, so no LM could answer left/right/above/below; and an entity covers a number
+    of tokens that grows with its size, so counting "how many" needs one marked token per entity."""
 
     def __init__(self, hidden: int):
         super().__init__()
         self.heads = nn.ModuleDict({k: nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, len(v)))
                                     for k, v in ATTRIBUTES.items()})
+        self.position = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2))
+        self.centre = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 1))
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Attribute logits [B, classes] per attribute; "position" [B, N, 2]; "centre" logits [B, N]."""
         pooled = features.mean(1)
-        return {k: head(pooled) for k, head in self.heads.items()}
+        out = {k: head(pooled) for k, head in self.heads.items()}
+        out["position"] = self.position(features)
+        out["centre"] = self.centre(features).squeeze(-1)
+        return out
+
+
+def token_positions(n_tokens: int) -> torch.Tensor:
+    """(x, y) of each token's patch centre in a square view of n_tokens patches, raster order, in [-1, 1]."""
+    side = math.isqrt(n_tokens)
+    if side * side != n_tokens:
+        raise ValueError(f"{n_tokens} tokens are not a square grid")
+    coords = (torch.arange(side, dtype=torch.float32) + 0.5) / side * 2 - 1
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    return torch.stack([x.flatten(), y.flatten()], -1)
+
+
+def centre_mask(crop: tuple[float, float, float, float], entities: list[dict], grid: int) -> list[float]:
+    """Per patch of the crop's grid x grid tokens (raster order): 1.0 where an entity's box centre falls."""
+    x0, y0, side, _ = crop
+    mask = [0.0] * (grid * grid)
+    for e in entities:
+        bx0, by0, bx1, by1 = e["box"]
+        u, v = ((bx0 + bx1) / 2 - x0) / side * grid, ((by0 + by1) / 2 - y0) / side * grid
+        if 0 <= u < grid and 0 <= v < grid:
+            mask[int(v) * grid + int(u)] = 1.0
+    return mask
 
 
 def draw_entity_crop(rng: random.Random, width: int, height: int, entities: list[dict]
@@ -93,33 +133,50 @@ def draw_entity_crop(rng: random.Random, width: int, height: int, entities: list
 
 def make_batch(seed: int, step: int, n_crops: int, kinds: list[str], n_images: int, split: str
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Crops [n_crops,3,CROP_PX,CROP_PX] (LaViDa's preprocessing) of one step, CROPS_PER_IMAGE per image, and per
-    attribute the class of the entity each is centred on [n_crops]: a pure function of (seed, step)."""
+    """Crops [n_crops,3,CROP_PX,CROP_PX] (LaViDa's preprocessing) of one step, CROPS_PER_IMAGE per image; per
+    attribute the class of the entity each is centred on [n_crops], and "centre" [n_crops, CROP_GRID²] (1 where
+    any entity's centre lies in the patch): a pure function of (seed, step)."""
     rng = random.Random(f"pretrain-vision-crops/{split}/{seed}/{step}")
-    pixels, targets = [], {k: [] for k in ATTRIBUTES}
+    pixels, targets = [], {k: [] for k in (*ATTRIBUTES, "centre")}
     while len(pixels) < n_crops:
         kind = rng.choice(kinds)
         image, scene, _ = eg.make_sample(split, rng.randrange(n_images), seed, kind, questions_per_image=0)
         rgb = image.convert("RGB")
         for _ in range(min(CROPS_PER_IMAGE, n_crops - len(pixels))):
-            (x0, y0, w, h), index = draw_entity_crop(rng, *scene["size"], scene["entities"])
+            crop, index = draw_entity_crop(rng, *scene["size"], scene["entities"])
+            x0, y0, w, h = crop
             pixels.append(image_to_tensor(rgb.crop((round(x0), round(y0), round(x0 + w), round(y0 + h))), CROP_PX))
             for k, classes in ATTRIBUTES.items():
                 targets[k].append(classes.index(scene["entities"][index][k]))
+            targets["centre"].append(centre_mask(crop, scene["entities"], CROP_GRID))
     return torch.stack(pixels), {k: torch.tensor(v) for k, v in targets.items()}
 
 
 def losses(heads: CropHeads, features: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cross-entropy per attribute of each crop's centre entity."""
-    return {k: F.cross_entropy(logits, targets[k]) for k, logits in heads(features).items()}
+    """Cross-entropy per attribute of each crop's centre entity; per token, the squared error of its predicted
+    (x, y) and the binary cross-entropy of "an entity's centre is in this patch"."""
+    out = heads(features)
+    parts = {k: F.cross_entropy(out[k], targets[k]) for k in ATTRIBUTES}
+    parts["position"] = F.mse_loss(out["position"], token_positions(features.shape[1]).expand_as(out["position"]))
+    parts["centre"] = F.binary_cross_entropy_with_logits(out["centre"], targets["centre"])
+    return parts
 
 
 @torch.no_grad()
 def accuracy(tower, heads: CropHeads, seed: int, kinds: list[str], n_crops: int) -> dict[str, float]:
     """Per attribute, the share of val-split crops whose centre entity the heads name right."""
     pixels, targets = make_batch(seed, 0, n_crops, kinds, 1000, "val")
-    logits = heads(tower(pixels).features)
-    return {k: round((logits[k].argmax(-1) == targets[k]).float().mean().item(), 4) for k in ATTRIBUTES}
+    features = tower(pixels).features
+    out = heads(features)
+    acc = {k: round((out[k].argmax(-1) == targets[k]).float().mean().item(), 4) for k in ATTRIBUTES}
+    truth = token_positions(features.shape[1]).expand_as(out["position"])
+    acc["position_r2"] = round(1 - ((out["position"] - truth) ** 2).sum().item()
+                               / ((truth - truth.mean((0, 1))) ** 2).sum().item(), 4)
+    centre = targets["centre"] > 0.5
+    predicted = out["centre"] > 0
+    acc["centre_recall"] = round(predicted[centre].float().mean().item(), 4)
+    acc["centre_precision"] = round(centre[predicted].float().mean().item(), 4) if predicted.any() else 0.0
+    return acc
 
 
 def save_state(out: Path, step: int, tower, heads, optimizer, scheduler) -> None:

@@ -62,8 +62,9 @@ def test_losses_train_every_head():
     heads = pv.CropHeads(8)
     features = torch.randn(5, 4, 8, requires_grad=True)
     targets = {k: torch.randint(len(v), (5,)) for k, v in pv.ATTRIBUTES.items()}
+    targets["centre"] = (torch.rand(5, 4) < 0.2).float()
     parts = pv.losses(heads, features, targets)
-    assert set(parts) == set(pv.ATTRIBUTES) and all(torch.isfinite(v) for v in parts.values())
+    assert set(parts) == {*pv.ATTRIBUTES, "position", "centre"} and all(torch.isfinite(v) for v in parts.values())
     sum(parts.values()).backward()
     assert all(p.grad is not None for p in heads.parameters()) and features.grad.abs().sum() > 0
 
@@ -111,6 +112,24 @@ def test_bad_flags_and_finished_stage_are_clear_errors(tmp_path, capsys):
     assert "this stage is done" in capsys.readouterr().err
     assert call_main(pv.main, ["--output_dir", str(tmp_path / "x"), *ARGS[:-1], "{not json"]) == 2
     assert "--config_overrides is not JSON" in capsys.readouterr().err
+
+
+def test_token_positions_are_patch_centres_in_raster_order():
+    pos = pv.token_positions(4)  # 2x2: (-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5)
+    assert torch.equal(pos, torch.tensor([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]]))
+    assert pv.token_positions(64)[9].tolist() == [-0.625, -0.625]  # row 1, column 1 of 8
+    with pytest.raises(ValueError, match="not a square grid"):
+        pv.token_positions(6)
+
+
+def test_centre_mask_marks_the_patch_of_each_entity_centre_inside_the_crop():
+    entities = [entity("red", "square", "K", [100, 100, 140, 140]),  # centre (120, 120)
+                entity("blue", "circle", "7", [0, 0, 20, 20]),  # centre (10, 10): outside the crop
+                entity("green", "hexagon", "A", [180, 150, 200, 170])]  # centre (190, 160)
+    mask = pv.centre_mask((80.0, 80.0, 160.0, 160.0), entities, 4)  # 4x4 patches of 40 px from (80, 80)
+    assert [i for i, m in enumerate(mask) if m] == [1 * 4 + 1, 2 * 4 + 2]
+    batch = pv.make_batch(0, 0, 6, ["grid"], 4, "train")[1]["centre"]
+    assert batch.shape == (6, pv.CROP_GRID ** 2) and (batch.sum(1) >= 1).all()  # the crop's own entity at least
 
 
 def test_head_vocabularies_are_the_generators():
