@@ -324,6 +324,13 @@ def make_sample(split: str, index: int, seed: int = 0, kind: str = "grid", quest
                 qtypes: tuple[str, ...] = QTYPES, balanced_counts: bool = False):
     """Image `index` of a split, in memory: (PIL palette image, scene dict, [(question, answer, meta), ...]).
     The image depends only on (kind, split, seed, index); `qtypes` / `balanced_counts` change its questions."""
+    scene, questions = make_scene_questions(split, index, seed, kind, questions_per_image, qtypes, balanced_counts)
+    return render_scene(scene), scene, questions
+
+
+def make_scene_questions(split: str, index: int, seed: int = 0, kind: str = "grid", questions_per_image: int = 4,
+                         qtypes: tuple[str, ...] = QTYPES, balanced_counts: bool = False):
+    """`make_sample` without drawing the image: (scene dict, [(question, answer, meta), ...])."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     rng = _rng(kind, split, seed, index)
@@ -332,7 +339,7 @@ def make_sample(split: str, index: int, seed: int = 0, kind: str = "grid", quest
     w, h = scene["size"]
     for _, _, meta in questions:
         meta.update(kind=kind, image_size=[w, h], n_entities=len(scene["entities"]))
-    return render_scene(scene), scene, questions
+    return scene, questions
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ state-dict names (upstream used a `.bin` with the same idea).
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +231,15 @@ def plain_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
+def sort_target_modules(config_file: Path) -> None:
+    """Rewrite peft's `target_modules` sorted: peft keeps them as a set, so the saved order follows Python's
+    per-process string hashing and two identical runs would write different adapter_config.json files."""
+    cfg = json.loads(config_file.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def save_adapter(peft_model, model: nn.Module, folder: Path, non_lora: list[str],
                  state_dict: Optional[dict] = None) -> None:
     """Write PEFT's adapter files and `non_lora_trainables.safetensors` into an existing folder.
@@ -243,9 +253,10 @@ def save_adapter(peft_model, model: nn.Module, folder: Path, non_lora: list[str]
     lora = {f"base_model.model.{n}": state_dict[n] for n in lora_parameter_names(model)}
     peft_model.save_pretrained(str(folder), state_dict=lora, safe_serialization=True, save_embedding_layers=False)
     (folder / "README.md").unlink(missing_ok=True)  # peft's model-card stub says nothing about this model
+    sort_target_modules(folder / ADAPTER_CONFIG)
     extra = {plain_name(n): state_dict[n].detach().contiguous().cpu() for n in non_lora}
     save_file(extra, str(folder / NON_LORA_WEIGHTS), metadata={"format": "pt"})
-    give_mode_of(folder / "adapter_config.json", *folder.glob("*.safetensors"))
+    give_mode_of(folder / ADAPTER_CONFIG, *folder.glob("*.safetensors"))
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

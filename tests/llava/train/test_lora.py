@@ -103,7 +103,7 @@ def test_adapter_folder_is_standard_peft(adapters):
     folder = adapters["lora"]
     cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 64 and cfg["lora_alpha"] == 128
-    assert len(cfg["target_modules"]) == 11
+    assert len(cfg["target_modules"]) == 11 and cfg["target_modules"] == sorted(cfg["target_modules"])
     assert all(k.startswith("base_model.model.") for k in load_file(folder / ADAPTER_WEIGHTS))
     assert load_file(folder / NON_LORA_WEIGHTS) == {}
     assert not list(folder.parent.glob("final.tmp-*"))  # written atomically

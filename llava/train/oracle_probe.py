@@ -1,0 +1,217 @@
+"""Can this LM learn EntityGrid's questions when its visual tokens are perfect? An LM-only capacity check.
+
+    python -m llava.train.oracle_probe --kind single --qtypes count,position --steps 1500 \
+        [--config_overrides '{"d_model": 64, "n_layers": 3, ...}'] [--lr 1e-3] [--batch 16] [--out probe.json]
+
+Why: the trained built-in model answers grid questions at the constant-answer prior, and stage-3 probes showed
+that even on 1-3-entity images its LM matched colour words against the image but not shape words, and never
+compared two positions. That is either the tokens (what stage 0's tower and the projector hand the LM) or the LM
+(its width, depth, steps, learning rate). This check removes the first: SigLIP and the projector are replaced by
+an ORACLE that hands the LM a GRID x GRID token map of the image (the longer side split into GRID cells, as the
+padded single view pooled to 14x14 is) in which every token is a learned embedding of exactly what covers its
+cell centre (the entity's colour and shape, or background), whether an entity's box centre lies in the cell, and
+the cell's row and column. Everything the LM sees after that is the real pipeline: the chat template and
+tokenizer in the inference layout, the LLaDA LM at the given dims and init, and LaViDa's complementary-masking
+loss (`llava.train.objective.diffusion_loss`). If the LM cannot learn a question type from these tokens in a
+given budget, no tower will get it there; if it can, the tower is what to fix.
+
+Data: `--n_images` scenes of `--kind` from the generator's train split (seeded, a fixed pool as the real stages
+use; questions drawn per sample with balanced counts), evaluated on `--n_eval` val-split questions (the same
+mix) every `--eval_every` steps. Accuracy is read at the first answer slot of prompt + 4 mask tokens (one
+forward, argmax over the vocabulary; every EntityGrid answer is one token of the built-in tokenizer), next to
+the share of each type's most frequent answer on the same items (what a model that does not look scores).
+The probe saves no weights; `--out` gets the accuracy curve as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from llava.constants import IGNORE_INDEX
+from llava.eval import entitygrid as eg
+from llava.eval.datasets import DATASET_SPECS
+from llava.model.builder import build_small_model
+from llava.train.data import DataCollatorForSupervisedDataset, preprocess_llada
+from llava.train.objective import build_inputs_embeds, diffusion_loss
+
+ANSWER_SLOTS = 4  # the decoding length `make results` and the demo use
+
+
+class OracleTokens(nn.Module):
+    """Scene -> [GRID*GRID, D] tokens saying, per cell, what covers its centre and where the cell is."""
+
+    def __init__(self, dim: int, grid: int = 14):
+        super().__init__()
+        self.grid = grid
+        self.colour = nn.Embedding(len(eg.COLOURS) + 1, dim)  # last row: background
+        self.shape = nn.Embedding(len(eg.SHAPES) + 1, dim)
+        self.centre = nn.Embedding(2, dim)
+        self.row = nn.Embedding(grid, dim)
+        self.col = nn.Embedding(grid, dim)
+        for emb in (self.colour, self.shape, self.centre, self.row, self.col):
+            nn.init.normal_(emb.weight, 0.0, dim ** -0.5)  # the scale of the LM's fan_in-initialised embeddings
+
+    def cell_ids(self, scene: dict) -> dict[str, torch.Tensor]:
+        """Per-cell integer ids (raster order) -- the oracle's reading of the scene, without any pixels."""
+        side = max(scene["size"]) / self.grid
+        centres = (torch.arange(self.grid) + 0.5) * side
+        cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+        colour = torch.full((self.grid, self.grid), len(eg.COLOURS))
+        shape = torch.full((self.grid, self.grid), len(eg.SHAPES))
+        centre = torch.zeros(self.grid, self.grid, dtype=torch.long)
+        colours, shapes = list(eg.COLOURS), list(eg.SHAPES)
+        for e in scene["entities"]:
+            x0, y0, x1, y1 = e["box"]
+            inside = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+            colour[inside], shape[inside] = colours.index(e["colour"]), shapes.index(e["shape"])
+            r, c = min(int((y0 + y1) / 2 / side), self.grid - 1), min(int((x0 + x1) / 2 / side), self.grid - 1)
+            centre[r, c] = 1
+        rows, cols = torch.meshgrid(torch.arange(self.grid), torch.arange(self.grid), indexing="ij")
+        return {k: v.flatten() for k, v in
+                {"colour": colour, "shape": shape, "centre": centre, "row": rows, "col": cols}.items()}
+
+    def forward(self, scene: dict) -> torch.Tensor:
+        ids = self.cell_ids(scene)
+        return sum(getattr(self, k)(v) for k, v in ids.items())
+
+
+class OracleModel(nn.Module):
+    """The LaViDa model's LM under an oracle encoder: exposes exactly what `diffusion_loss` uses."""
+
+    def __init__(self, lavida, grid: int):
+        super().__init__()
+        self.lavida = lavida
+        self.oracle = OracleTokens(lavida.config.llada.d_model, grid)
+        self.model, self.config, self.mm_config = lavida.model, lavida.config, lavida.mm_config
+
+    def encode_image(self, scene, prune_method=None, question_ids=None, options=None):
+        return SimpleNamespace(tokens=self.oracle(scene))
+
+    def parameters_to_train(self) -> list[nn.Parameter]:
+        """The LM and the oracle's embeddings (the unused tower and projector get no gradient anyway)."""
+        return list(self.model.transformer.parameters()) + list(self.oracle.parameters())
+
+
+def draw_items(kind: str, split: str, n_images: int, qtypes: tuple[str, ...], seed: int,
+               per_image: int = 4) -> list[tuple[dict, str, str, str]]:
+    """(scene, question prompt, answer, qtype) for `per_image` questions on each of `n_images` scenes (balanced
+    counts), no image rendered."""
+    prompt = DATASET_SPECS["entitygrid"].prompt
+    out = []
+    for i in range(n_images):
+        scene, questions = eg.make_scene_questions(split, i, seed, kind, per_image, qtypes, balanced_counts=True)
+        for q, a, meta in questions:
+            out.append((scene, prompt(q), a, meta["qtype"]))
+    return out
+
+
+def tokenize(item, tokenizer, index: int) -> dict:
+    scene, question, answer, _ = item
+    conv = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    out = preprocess_llada(conv, tokenizer, True, np.random.default_rng(0), inference_prompt=True)
+    out.update(image=scene, index=index, epoch=0)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: OracleModel, tokenizer, items: list, batch: int = 32) -> dict:
+    """Per-type accuracy at the first answer slot, next to each type's majority-answer share."""
+    model.eval()
+    mask_id = model.config.llada.mask_token_id
+    right: Counter = Counter()
+    by_length: dict[int, list[int]] = {}  # rows of one prompt length run together, so no row needs padding
+    encoded = [tokenize(it, tokenizer, 0) for it in items]
+    for i, it in enumerate(encoded):
+        by_length.setdefault(int(it["labels"].eq(IGNORE_INDEX).sum()), []).append(i)
+    for length, rows in by_length.items():
+        for s in range(0, len(rows), batch):
+            chunk = rows[s: s + batch]
+            input_ids = torch.stack([torch.cat([encoded[i]["input_ids"][:length], torch.full((ANSWER_SLOTS,), mask_id)])
+                                     for i in chunk])
+            visual = [model.oracle(items[i][0]) for i in chunk]
+            embeds, _, _ = build_inputs_embeds(model, input_ids, visual)
+            logits = model.model(inputs_embeds=embeds)
+            at = length + visual[0].shape[0] - 1  # the first answer slot, after the placeholder became the tokens
+            for i, row in zip(chunk, logits):
+                right[items[i][3]] += int(row[at].argmax()) == int(encoded[i]["labels"][length])
+    model.train()
+    by_type = {}
+    for qtype in sorted({it[3] for it in items}):
+        answers = [it[2] for it in items if it[3] == qtype]
+        by_type[qtype] = {"accuracy": round(100 * right[qtype] / len(answers), 1),
+                          "majority": round(100 * Counter(answers).most_common(1)[0][1] / len(answers), 1),
+                          "n": len(answers)}
+    return by_type
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llava.train.oracle_probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--kind", default="single", choices=eg.KINDS)
+    p.add_argument("--qtypes", default="count,position", help="comma-separated EntityGrid question types")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--grid", type=int, default=14, help="token map side (14: the pooled single view)")
+    p.add_argument("--n_images", type=int, default=3000)
+    p.add_argument("--n_eval", type=int, default=240)
+    p.add_argument("--eval_every", type=int, default=250)
+    p.add_argument("--config_overrides", default='{"d_model": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 4, '
+                   '"mlp_hidden_size": 172, "init_fn": "fan_in"}', help="JSON config keys of the LM (train-tiny's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the accuracy curve here as JSON")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    qtypes = tuple(q.strip() for q in args.qtypes.split(",") if q.strip())
+    try:
+        eg.check_qtypes(qtypes)
+        overrides = json.loads(args.config_overrides)
+    except (ValueError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.steps < 1 or args.batch < 1 or args.grid < 1:
+        print("error: --steps, --batch and --grid must be positive", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    tokenizer, lavida = build_small_model(args.seed, overrides)
+    model = OracleModel(lavida, args.grid).train()
+    train_items = draw_items(args.kind, "train", args.n_images, qtypes, args.seed)
+    eval_items = draw_items(args.kind, "val", max(1, args.n_eval // 4), qtypes, args.seed)[: args.n_eval]
+    collate = DataCollatorForSupervisedDataset(tokenizer.pad_token_id, seed=args.seed, extra_pad_range=(-16, 16))
+    opt = torch.optim.AdamW(model.parameters_to_train(), lr=args.lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(args.seed)
+    order = random.Random(args.seed)
+    curve, start = [], time.time()
+    for step in range(1, args.steps + 1):
+        picks = order.sample(range(len(train_items)), min(args.batch, len(train_items)))
+        batch = collate([tokenize(train_items[i], tokenizer, i) for i in picks])
+        loss, _ = diffusion_loss(model, batch, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters_to_train(), 1.0)
+        opt.step()
+        if step % args.eval_every == 0 or step == args.steps:
+            point = {"step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - start, 1),
+                     "by_type": evaluate(model, tokenizer, eval_items)}
+            curve.append(point)
+            print(json.dumps(point), flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), "curve": curve}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""llava.train.oracle_probe: the oracle's token map says what covers each cell, and the probe trains and scores
+through the real LM, template and loss."""
+import json
+
+import torch
+
+from llava.constants import IGNORE_INDEX
+from llava.eval import entitygrid as eg
+from llava.model.builder import build_small_tokenizer
+from llava.train import oracle_probe as probe
+
+TINY = '{"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "mlp_hidden_size": 64, "init_fn": "fan_in"}'
+
+
+def test_cell_ids_mark_each_entity_and_its_centre_once():
+    scene = {"size": [400, 200], "entities": [
+        {"colour": "red", "shape": "circle", "label": "A", "box": [0, 0, 100, 100], "size": 100},
+        {"colour": list(eg.COLOURS)[1], "shape": eg.SHAPES[1], "label": "B", "box": [300, 100, 400, 200],
+         "size": 100}]}
+    ids = probe.OracleTokens(8, grid=4).cell_ids(scene)  # cells of 100 px over the longer side
+    colour = ids["colour"].view(4, 4)
+    background = len(eg.COLOURS)
+    assert colour[0, 0] == list(eg.COLOURS).index("red") and colour[1, 3] == 1
+    assert int((colour != background).sum()) == 2  # each entity covers exactly one cell centre here
+    assert int(ids["centre"].sum()) == 2 and ids["centre"].view(4, 4)[0, 0] == 1
+    assert ids["row"].tolist()[:5] == [0, 0, 0, 0, 1] and ids["col"].tolist()[:5] == [0, 1, 2, 3, 0]
+
+
+def test_answer_slot_holds_the_answer_word():
+    tok = build_small_tokenizer()
+    item = probe.draw_items("single", "val", 1, ("count", "position"), seed=0)[0]
+    enc = probe.tokenize(item, tok, 0)
+    length = int(enc["labels"].eq(IGNORE_INDEX).sum())
+    assert tok.decode([int(enc["labels"][length])]).strip() == item[2]
+
+
+def test_main_trains_and_reports_accuracy_next_to_the_majority(tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    code = probe.main(["--steps", "2", "--eval_every", "1", "--n_images", "4", "--n_eval", "8", "--grid", "4",
+                       "--batch", "2", "--config_overrides", TINY, "--out", str(out)])
+    assert code == 0
+    curve = json.loads(out.read_text())["curve"]
+    assert [p["step"] for p in curve] == [1, 2] and all(torch.isfinite(torch.tensor(p["loss"])) for p in curve)
+    for point in curve:
+        assert sum(t["n"] for t in point["by_type"].values()) == 8
+        assert all(0 <= t["accuracy"] <= 100 and t["majority"] > 0 for t in point["by_type"].values())
+
+
+def test_bad_flags_are_errors(capsys):
+    assert probe.main(["--qtypes", "colour,bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert probe.main(["--config_overrides", "{not json"]) == 2
