@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -145,12 +146,13 @@ def _missing_layer(modules: dict[str, nn.Module], name: str) -> Optional[str]:
 def _is_linear(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
-    try:  # quantised Linear layers (LoRA on them is what QLoRA means)
-        import bitsandbytes as bnb
-
-        return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
-    except Exception:
+    # Quantised Linear layers (LoRA on them is what QLoRA means). A model can only hold them once bitsandbytes
+    # is imported, so it is looked up, not imported: importing it on a CPU-only machine prints a kernel warning
+    # into every LoRA load (the demo's SHIRG + LoRA step).
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
         return False
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
 def resolve_targets(model: nn.Module, patterns: Iterable[str]) -> list[str]:
