@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
 import sys
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ from torch import nn
 
 from llava.errors import CheckpointError, ConfigError, InputError
 from llava.utils import give_mode_of, logger
+
+# peft imports bitsandbytes, whose CPU backend logs a warning that its optional "kernels" package is missing on
+# every import; they only speed up 4-bit matmuls on CPU (bitsandbytes then uses its built-in CPU path), so the
+# notice is kept out of every adapter load, the demo's included; real errors from bitsandbytes still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
