@@ -1,7 +1,8 @@
 """Can this LM learn EntityGrid's questions when its visual tokens are perfect? An LM-only capacity check.
 
     python -m llava.train.oracle_probe --kind single --qtypes count,position --steps 1500 \
-        [--config_overrides '{"d_model": 64, "n_layers": 3, ...}'] [--lr 1e-3] [--batch 16] [--out probe.json]
+        [--config_overrides '{"d_model": 64, "n_layers": 3, ...}'] [--lr 1e-3] [--batch 16] [--out probe.json] \
+        [--warmup_steps 30 --min_lr_rate 0.1]
 
 Why: the trained built-in model answers grid questions at the constant-answer prior, and stage-3 probes showed
 that even on 1-3-entity images its LM matched colour words against the image but not shape words, and never
@@ -43,6 +44,7 @@ from llava.eval.datasets import DATASET_SPECS
 from llava.model.builder import build_small_model
 from llava.train.data import DataCollatorForSupervisedDataset, preprocess_llada
 from llava.train.objective import build_inputs_embeds, diffusion_loss
+from llava.train.train import lr_factor
 
 ANSWER_SLOTS = 4  # the decoding length `make results` and the demo use
 
@@ -161,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup_steps", type=int, default=0)
+    p.add_argument("--min_lr_rate", type=float, default=1.0,
+                   help="cosine decay to lr x this after warm-up, as the trainer's; 1.0 (default): constant lr")
     p.add_argument("--grid", type=int, default=14, help="token map side (14: the pooled single view)")
     p.add_argument("--n_images", type=int, default=3000)
     p.add_argument("--n_eval", type=int, default=240)
@@ -184,6 +189,9 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.batch < 1 or args.grid < 1:
         print("error: --steps, --batch and --grid must be positive", file=sys.stderr)
         return 2
+    if args.warmup_steps < 0 or not 0.0 <= args.min_lr_rate <= 1.0:
+        print("error: --warmup_steps must be >= 0 and --min_lr_rate in [0, 1]", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     tokenizer, lavida = build_small_model(args.seed, overrides)
     model = OracleModel(lavida, args.grid).train()
@@ -191,6 +199,8 @@ def main(argv=None) -> int:
     eval_items = draw_items(args.kind, "val", max(1, args.n_eval // 4), qtypes, args.seed)[: args.n_eval]
     collate = DataCollatorForSupervisedDataset(tokenizer.pad_token_id, seed=args.seed, extra_pad_range=(-16, 16))
     opt = torch.optim.AdamW(model.parameters_to_train(), lr=args.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, args.warmup_steps, args.steps, args.min_lr_rate))
     gen = torch.Generator().manual_seed(args.seed)
     order = random.Random(args.seed)
     curve, start = [], time.time()
@@ -202,8 +212,10 @@ def main(argv=None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters_to_train(), 1.0)
         opt.step()
+        schedule.step()
         if step % args.eval_every == 0 or step == args.steps:
-            point = {"step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - start, 1),
+            point = {"step": step, "loss": round(loss.item(), 4), "lr": round(schedule.get_last_lr()[0], 7),
+                     "seconds": round(time.time() - start, 1),
                      "by_type": evaluate(model, tokenizer, eval_items)}
             curve.append(point)
             print(json.dumps(point), flush=True)

@@ -50,3 +50,13 @@ def test_bad_flags_are_errors(capsys):
     assert probe.main(["--qtypes", "colour,bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
     assert probe.main(["--config_overrides", "{not json"]) == 2
+    assert probe.main(["--min_lr_rate", "1.5"]) == 2 and "--min_lr_rate" in capsys.readouterr().err
+
+
+def test_lr_follows_the_trainers_warmup_and_cosine(tmp_path):
+    out = tmp_path / "probe.json"
+    assert probe.main(["--steps", "4", "--eval_every", "1", "--n_images", "4", "--n_eval", "4", "--grid", "4",
+                       "--batch", "2", "--lr", "1e-3", "--warmup_steps", "2", "--min_lr_rate", "0.5",
+                       "--config_overrides", TINY, "--out", str(out)]) == 0
+    lrs = [p["lr"] for p in json.loads(out.read_text())["curve"]]
+    assert lrs[0] == 5e-4 and lrs[1] == 1e-3 and lrs[-1] == 5e-4 and lrs[1] > lrs[2] > lrs[3]
