@@ -3,6 +3,7 @@
     python -m llava.train.oracle_probe --kind single --qtypes count,position --steps 1500 \
         [--config_overrides '{"d_model": 64, "n_layers": 3, ...}'] [--lr 1e-3] [--batch 16] [--out probe.json] \
         [--warmup_steps 30 --min_lr_rate 0.1]
+    python -m llava.train.oracle_probe --curriculum solo:colour,shape:300 solo:count:600 single:count,position:1500
 
 Why: the trained built-in model answers grid questions at the constant-answer prior, and stage-3 probes showed
 that even on 1-3-entity images its LM matched colour words against the image but not shape words, and never
@@ -21,6 +22,9 @@ use; questions drawn per sample with balanced counts), evaluated on `--n_eval` v
 mix) every `--eval_every` steps. Accuracy is read at the first answer slot of prompt + 4 mask tokens (one
 forward, argmax over the vocabulary; every EntityGrid answer is one token of the built-in tokenizer), next to
 the share of each type's most frequent answer on the same items (what a model that does not look scores).
+`--curriculum` runs stages in order as `make train-tiny` does (each its own data, a fresh optimizer, its own lr
+schedule), evaluated throughout on the last stage's kind and question types: whether an LM that first learned to
+name what it sees gets past the matching plateau sooner than one asked the final questions from the start.
 The probe saves no weights; `--out` gets the accuracy curve as JSON.
 """
 from __future__ import annotations
@@ -161,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="single", choices=eg.KINDS)
     p.add_argument("--qtypes", default="count,position", help="comma-separated EntityGrid question types")
     p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--curriculum", nargs="+", default=None, metavar="KIND:QTYPES:STEPS",
+                   help="stages run in order, each with its own data, optimizer and lr schedule (as train-tiny's); "
+                        "replaces --kind/--qtypes/--steps, and the evaluation uses the last stage's kind and types")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup_steps", type=int, default=0)
@@ -177,17 +184,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_stage(spec: str) -> tuple[str, tuple[str, ...], int]:
+    """`KIND:QTYPES:STEPS` (e.g. `solo:colour,shape:300`) -> (kind, qtypes, steps); ValueError says what is wrong."""
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[0] not in eg.KINDS or not parts[2].isdigit() or int(parts[2]) < 1:
+        raise ValueError(f"--curriculum stage {spec!r} is not KIND:QTYPES:STEPS (KIND one of {', '.join(eg.KINDS)}, "
+                         "STEPS a positive integer)")
+    qtypes = tuple(q.strip() for q in parts[1].split(",") if q.strip())
+    eg.check_qtypes(qtypes)
+    return parts[0], qtypes, int(parts[2])
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    qtypes = tuple(q.strip() for q in args.qtypes.split(",") if q.strip())
+    if args.steps < 1 or args.batch < 1 or args.grid < 1:
+        print("error: --steps, --batch and --grid must be positive", file=sys.stderr)
+        return 2
     try:
-        eg.check_qtypes(qtypes)
+        stages = [parse_stage(s) for s in (args.curriculum or [f"{args.kind}:{args.qtypes}:{args.steps}"])]
         overrides = json.loads(args.config_overrides)
     except (ValueError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.steps < 1 or args.batch < 1 or args.grid < 1:
-        print("error: --steps, --batch and --grid must be positive", file=sys.stderr)
         return 2
     if args.warmup_steps < 0 or not 0.0 <= args.min_lr_rate <= 1.0:
         print("error: --warmup_steps must be >= 0 and --min_lr_rate in [0, 1]", file=sys.stderr)
@@ -195,30 +212,34 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     tokenizer, lavida = build_small_model(args.seed, overrides)
     model = OracleModel(lavida, args.grid).train()
-    train_items = draw_items(args.kind, "train", args.n_images, qtypes, args.seed)
-    eval_items = draw_items(args.kind, "val", max(1, args.n_eval // 4), qtypes, args.seed)[: args.n_eval]
+    final_kind, final_qtypes, _ = stages[-1]
+    eval_items = draw_items(final_kind, "val", max(1, args.n_eval // 4), final_qtypes, args.seed)[: args.n_eval]
     collate = DataCollatorForSupervisedDataset(tokenizer.pad_token_id, seed=args.seed, extra_pad_range=(-16, 16))
-    opt = torch.optim.AdamW(model.parameters_to_train(), lr=args.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, args.warmup_steps, args.steps, args.min_lr_rate))
     gen = torch.Generator().manual_seed(args.seed)
     order = random.Random(args.seed)
-    curve, start = [], time.time()
-    for step in range(1, args.steps + 1):
-        picks = order.sample(range(len(train_items)), min(args.batch, len(train_items)))
-        batch = collate([tokenize(train_items[i], tokenizer, i) for i in picks])
-        loss, _ = diffusion_loss(model, batch, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters_to_train(), 1.0)
-        opt.step()
-        schedule.step()
-        if step % args.eval_every == 0 or step == args.steps:
-            point = {"step": step, "loss": round(loss.item(), 4), "lr": round(schedule.get_last_lr()[0], 7),
-                     "seconds": round(time.time() - start, 1),
-                     "by_type": evaluate(model, tokenizer, eval_items)}
-            curve.append(point)
-            print(json.dumps(point), flush=True)
+    curve, start, step = [], time.time(), 0
+    for kind, qtypes, steps in stages:
+        # each stage as train-tiny runs it: its own training set, a fresh optimizer and its own lr schedule
+        train_items = draw_items(kind, "train", args.n_images, qtypes, args.seed)
+        opt = torch.optim.AdamW(model.parameters_to_train(), lr=args.lr, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s, steps=steps: lr_factor(s, args.warmup_steps, steps, args.min_lr_rate))
+        for stage_step in range(1, steps + 1):
+            step += 1
+            picks = order.sample(range(len(train_items)), min(args.batch, len(train_items)))
+            batch = collate([tokenize(train_items[i], tokenizer, i) for i in picks])
+            loss, _ = diffusion_loss(model, batch, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters_to_train(), 1.0)
+            opt.step()
+            schedule.step()
+            if step % args.eval_every == 0 or stage_step == steps:
+                point = {"step": step, "stage": f"{kind}:{','.join(qtypes)}", "loss": round(loss.item(), 4),
+                         "lr": round(schedule.get_last_lr()[0], 7), "seconds": round(time.time() - start, 1),
+                         "by_type": evaluate(model, tokenizer, eval_items)}
+                curve.append(point)
+                print(json.dumps(point), flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "curve": curve}, indent=1) + "\n")

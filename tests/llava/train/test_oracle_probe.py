@@ -60,3 +60,15 @@ def test_lr_follows_the_trainers_warmup_and_cosine(tmp_path):
                        "--config_overrides", TINY, "--out", str(out)]) == 0
     lrs = [p["lr"] for p in json.loads(out.read_text())["curve"]]
     assert lrs[0] == 5e-4 and lrs[1] == 1e-3 and lrs[-1] == 5e-4 and lrs[1] > lrs[2] > lrs[3]
+
+
+def test_curriculum_runs_its_stages_in_order_and_scores_the_last_stages_questions(tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    assert probe.main(["--curriculum", "solo:colour,shape:2", "single:count:1", "--eval_every", "10",
+                       "--n_images", "4", "--n_eval", "4", "--grid", "4", "--batch", "2",
+                       "--config_overrides", TINY, "--out", str(out)]) == 0
+    curve = json.loads(out.read_text())["curve"]
+    assert [(p["step"], p["stage"]) for p in curve] == [(2, "solo:colour,shape"), (3, "single:count")]
+    assert all(set(p["by_type"]) == {"count"} for p in curve)
+    assert probe.main(["--curriculum", "solo:colour"]) == 2 and "KIND:QTYPES:STEPS" in capsys.readouterr().err
+    assert probe.main(["--curriculum", "solo:bogus:5"]) == 2 and "bogus" in capsys.readouterr().err
