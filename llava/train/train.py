@@ -409,6 +409,7 @@ def load_model_for_training(margs: ModelArguments, targs: TrainingArguments, met
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
     model.model.gradient_checkpointing = bool(targs.gradient_checkpointing)
+    model.model.vision_tower.gradient_checkpointing = bool(targs.gradient_checkpointing)
     model.to(device)
     model.train()
     return setup

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from llava.constants import SIGLIP_IMAGE_SIZE, SIGLIP_PATCH_SIZE
@@ -76,6 +77,10 @@ class SigLipVisionTower(nn.Module):
         config._attn_implementation = attn_implementation
         self.config = config
         self.vision_tower = SiglipVisionHolder(config)
+        # Recompute each encoder layer in backward instead of storing its activations (training only; set by
+        # `--gradient_checkpointing`). Matters once LoRA trains the tower: 5 any-res views x 729 tokens x 26
+        # layers of activations dominate SHIRG-LoRA memory at 8B.
+        self.gradient_checkpointing = False
 
     @property
     def hidden_size(self) -> int:
@@ -112,13 +117,18 @@ class SigLipVisionTower(nn.Module):
         hidden = model.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         *early_layers, last_layer = model.encoder.layers
         for layer in early_layers:
-            hidden = _layer_output(layer(hidden, None))
+            hidden = self._run_layer(layer, hidden)
         last_input = hidden
-        features = _layer_output(last_layer(hidden, None))
+        features = self._run_layer(last_layer, hidden)
         if not return_attention:
             return VisionOutput(features=features)
         attn_received, keys = attention_received(last_layer, last_input)
         return VisionOutput(features=features, attn_received=attn_received, keys=keys)
+
+    def _run_layer(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return _layer_output(checkpoint(layer, hidden, None, use_reentrant=False))
+        return _layer_output(layer(hidden, None))
 
 
 def _layer_output(out) -> torch.Tensor:

@@ -172,3 +172,28 @@ def test_layers_returning_tuples_like_transformers_4(tower, monkeypatch):
     out = tower(pixels, return_attention=True)
     torch.testing.assert_close(out.features, expected.features, rtol=0, atol=0)
     torch.testing.assert_close(out.attn_received, expected.attn_received, rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_same_grads(monkeypatch):
+    """Checkpointed layers (training, grad enabled) give the same features and grads; eval and no_grad skip it."""
+    import llava.model.multimodal_encoder.siglip_encoder as E
+
+    calls = []
+    real = E.checkpoint
+    monkeypatch.setattr(E, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pixels = torch.randn(2, 3, 384, 384)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        tower = SigLipVisionTower(tiny_config()).train()
+        tower.gradient_checkpointing = ckpt
+        tower(pixels).features.square().mean().backward()
+        grads.append([p.grad for p in tower.parameters()])
+    assert len(calls) == 2  # both kept layers, only when enabled
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        tower(pixels)
+    tower.eval()
+    tower(pixels)
+    assert len(calls) == 2
