@@ -56,9 +56,19 @@ ANSWER_SLOTS = 4  # the decoding length `make results` and the demo use
 class OracleTokens(nn.Module):
     """Scene -> [GRID*GRID, D] tokens saying, per cell, what covers its centre and where the cell is."""
 
-    def __init__(self, dim: int, grid: int = 14):
+    POSITION_CODES = ("learned", "linear")
+
+    def __init__(self, dim: int, grid: int = 14, position_code: str = "learned"):
+        """`position_code`: "learned" gives every row and column its own embedding (unordered: which of two
+        columns lies further right must be learned per pair); "linear" adds the cell's normalised (x, y) in
+        [-1, 1] times one learned direction each, the ordered code stage 0's per-token (x, y) regression asks
+        of the real tower."""
         super().__init__()
-        self.grid = grid
+        if position_code not in self.POSITION_CODES:
+            raise ValueError(f"position code {position_code!r} is not one of {self.POSITION_CODES}")
+        self.grid, self.position_code = grid, position_code
+        self.row_dir = nn.Parameter(torch.randn(dim) * dim ** -0.5)
+        self.col_dir = nn.Parameter(torch.randn(dim) * dim ** -0.5)
         self.colour = nn.Embedding(len(eg.COLOURS) + 1, dim)  # last row: background
         self.shape = nn.Embedding(len(eg.SHAPES) + 1, dim)
         self.centre = nn.Embedding(2, dim)
@@ -88,16 +98,21 @@ class OracleTokens(nn.Module):
 
     def forward(self, scene: dict) -> torch.Tensor:
         ids = self.cell_ids(scene)
-        return sum(getattr(self, k)(v) for k, v in ids.items())
+        what = self.colour(ids["colour"]) + self.shape(ids["shape"]) + self.centre(ids["centre"])
+        if self.position_code == "learned":
+            return what + self.row(ids["row"]) + self.col(ids["col"])
+        to_unit = 2.0 / max(self.grid - 1, 1)
+        return (what + (ids["row"].float() * to_unit - 1)[:, None] * self.row_dir
+                + (ids["col"].float() * to_unit - 1)[:, None] * self.col_dir)
 
 
 class OracleModel(nn.Module):
     """The LaViDa model's LM under an oracle encoder: exposes exactly what `diffusion_loss` uses."""
 
-    def __init__(self, lavida, grid: int):
+    def __init__(self, lavida, grid: int, position_code: str = "learned"):
         super().__init__()
         self.lavida = lavida
-        self.oracle = OracleTokens(lavida.config.llada.d_model, grid)
+        self.oracle = OracleTokens(lavida.config.llada.d_model, grid, position_code)
         self.model, self.config, self.mm_config = lavida.model, lavida.config, lavida.mm_config
 
     def encode_image(self, scene, prune_method=None, question_ids=None, options=None):
@@ -174,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_lr_rate", type=float, default=1.0,
                    help="cosine decay to lr x this after warm-up, as the trainer's; 1.0 (default): constant lr")
     p.add_argument("--grid", type=int, default=14, help="token map side (14: the pooled single view)")
+    p.add_argument("--position_code", default="learned", choices=OracleTokens.POSITION_CODES,
+                   help="learned: one embedding per row and column; linear: normalised (x, y) times a learned "
+                        "direction each (ordered, like stage 0's regressed positions)")
     p.add_argument("--n_images", type=int, default=3000)
     p.add_argument("--n_eval", type=int, default=240)
     p.add_argument("--eval_every", type=int, default=250)
@@ -211,7 +229,7 @@ def main(argv=None) -> int:
         return 2
     torch.manual_seed(args.seed)
     tokenizer, lavida = build_small_model(args.seed, overrides)
-    model = OracleModel(lavida, args.grid).train()
+    model = OracleModel(lavida, args.grid, args.position_code).train()
     final_kind, final_qtypes, _ = stages[-1]
     eval_items = draw_items(final_kind, "val", max(1, args.n_eval // 4), final_qtypes, args.seed)[: args.n_eval]
     collate = DataCollatorForSupervisedDataset(tokenizer.pad_token_id, seed=args.seed, extra_pad_range=(-16, 16))

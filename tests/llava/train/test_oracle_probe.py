@@ -2,6 +2,7 @@
 through the real LM, template and loss."""
 import json
 
+import pytest
 import torch
 
 from llava.constants import IGNORE_INDEX
@@ -72,3 +73,14 @@ def test_curriculum_runs_its_stages_in_order_and_scores_the_last_stages_question
     assert all(set(p["by_type"]) == {"count"} for p in curve)
     assert probe.main(["--curriculum", "solo:colour"]) == 2 and "KIND:QTYPES:STEPS" in capsys.readouterr().err
     assert probe.main(["--curriculum", "solo:bogus:5"]) == 2 and "bogus" in capsys.readouterr().err
+
+
+def test_linear_position_code_is_ordered_and_an_unknown_code_is_an_error():
+    scene = {"size": [400, 400], "entities": []}
+    oracle = probe.OracleTokens(8, grid=4, position_code="linear")
+    tokens = oracle(scene).detach().view(4, 4, 8)
+    step_right = tokens[:, 1:] - tokens[:, :-1]  # background everywhere: only the column term changes
+    torch.testing.assert_close(step_right, (2 / 3 * oracle.col_dir.detach()).expand_as(step_right))
+    torch.testing.assert_close(tokens[0, 0] - tokens[3, 3], -2 * (oracle.row_dir + oracle.col_dir).detach())
+    with pytest.raises(ValueError, match="position code"):
+        probe.OracleTokens(8, position_code="sinusoid")
