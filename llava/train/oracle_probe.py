@@ -67,8 +67,9 @@ class OracleTokens(nn.Module):
         if position_code not in self.POSITION_CODES:
             raise ValueError(f"position code {position_code!r} is not one of {self.POSITION_CODES}")
         self.grid, self.position_code = grid, position_code
-        self.row_dir = nn.Parameter(torch.randn(dim) * dim ** -0.5)
-        self.col_dir = nn.Parameter(torch.randn(dim) * dim ** -0.5)
+        if position_code == "linear":  # only then: the learned code's runs keep their seeded init
+            self.row_dir = nn.Parameter(torch.randn(dim) * dim ** -0.5)
+            self.col_dir = nn.Parameter(torch.randn(dim) * dim ** -0.5)
         self.colour = nn.Embedding(len(eg.COLOURS) + 1, dim)  # last row: background
         self.shape = nn.Embedding(len(eg.SHAPES) + 1, dim)
         self.centre = nn.Embedding(2, dim)
