@@ -12,7 +12,8 @@ compared two positions. That is either the tokens (what stage 0's tower and the 
 an ORACLE that hands the LM a GRID x GRID token map of the image (the longer side split into GRID cells, as the
 padded single view pooled to 14x14 is) in which every token is a learned embedding of exactly what covers its
 cell centre (the entity's colour and shape, or background), whether an entity's box centre lies in the cell, and
-the cell's row and column. Everything the LM sees after that is the real pipeline: the chat template and
+the cell's row and column (`--paint centre` also paints every entity onto its centre cell, so entities
+smaller than a cell are not lost). Everything the LM sees after that is the real pipeline: the chat template and
 tokenizer in the inference layout, the LLaDA LM at the given dims and init, and LaViDa's complementary-masking
 loss (`llava.train.objective.diffusion_loss`). If the LM cannot learn a question type from these tokens in a
 given budget, no tower will get it there; if it can, the tower is what to fix.
@@ -57,16 +58,21 @@ class OracleTokens(nn.Module):
     """Scene -> [GRID*GRID, D] tokens saying, per cell, what covers its centre and where the cell is."""
 
     POSITION_CODES = ("learned", "linear")
+    PAINTS = ("cover", "centre")
 
-    def __init__(self, dim: int, grid: int = 14, position_code: str = "learned"):
+    def __init__(self, dim: int, grid: int = 14, position_code: str = "learned", paint: str = "cover"):
         """`position_code`: "learned" gives every row and column its own embedding (unordered: which of two
         columns lies further right must be learned per pair); "linear" adds the cell's normalised (x, y) in
         [-1, 1] times one learned direction each, the ordered code stage 0's per-token (x, y) regression asks
-        of the real tower."""
+        of the real tower. `paint`: "cover" says what covers each cell's centre, as a pooled view sees it (an
+        entity smaller than a cell may cover none: on 14x14 grid maps 58 % of grid entities do not); "centre"
+        also paints every entity onto the cell holding its box centre, so no entity is lost at any map size."""
         super().__init__()
         if position_code not in self.POSITION_CODES:
             raise ValueError(f"position code {position_code!r} is not one of {self.POSITION_CODES}")
-        self.grid, self.position_code = grid, position_code
+        if paint not in self.PAINTS:
+            raise ValueError(f"paint {paint!r} is not one of {self.PAINTS}")
+        self.grid, self.position_code, self.paint = grid, position_code, paint
         if position_code == "linear":  # only then: the learned code's runs keep their seeded init
             self.row_dir = nn.Parameter(torch.randn(dim) * dim ** -0.5)
             self.col_dir = nn.Parameter(torch.randn(dim) * dim ** -0.5)
@@ -93,6 +99,11 @@ class OracleTokens(nn.Module):
             colour[inside], shape[inside] = colours.index(e["colour"]), shapes.index(e["shape"])
             r, c = min(int((y0 + y1) / 2 / side), self.grid - 1), min(int((x0 + x1) / 2 / side), self.grid - 1)
             centre[r, c] = 1
+        if self.paint == "centre":  # after all coverage, so a neighbour's box cannot paint over a centre cell
+            for e in scene["entities"]:
+                x0, y0, x1, y1 = e["box"]
+                r, c = min(int((y0 + y1) / 2 / side), self.grid - 1), min(int((x0 + x1) / 2 / side), self.grid - 1)
+                colour[r, c], shape[r, c] = colours.index(e["colour"]), shapes.index(e["shape"])
         rows, cols = torch.meshgrid(torch.arange(self.grid), torch.arange(self.grid), indexing="ij")
         return {k: v.flatten() for k, v in
                 {"colour": colour, "shape": shape, "centre": centre, "row": rows, "col": cols}.items()}
@@ -110,10 +121,10 @@ class OracleTokens(nn.Module):
 class OracleModel(nn.Module):
     """The LaViDa model's LM under an oracle encoder: exposes exactly what `diffusion_loss` uses."""
 
-    def __init__(self, lavida, grid: int, position_code: str = "learned"):
+    def __init__(self, lavida, grid: int, position_code: str = "learned", paint: str = "cover"):
         super().__init__()
         self.lavida = lavida
-        self.oracle = OracleTokens(lavida.config.llada.d_model, grid, position_code)
+        self.oracle = OracleTokens(lavida.config.llada.d_model, grid, position_code, paint)
         self.model, self.config, self.mm_config = lavida.model, lavida.config, lavida.mm_config
 
     def encode_image(self, scene, prune_method=None, question_ids=None, options=None):
@@ -193,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--position_code", default="learned", choices=OracleTokens.POSITION_CODES,
                    help="learned: one embedding per row and column; linear: normalised (x, y) times a learned "
                         "direction each (ordered, like stage 0's regressed positions)")
+    p.add_argument("--paint", default="cover", choices=OracleTokens.PAINTS,
+                   help="cover: each cell says what covers its centre; centre: every entity is also painted onto "
+                        "the cell of its box centre (none lost, however small)")
     p.add_argument("--n_images", type=int, default=3000)
     p.add_argument("--n_eval", type=int, default=240)
     p.add_argument("--eval_every", type=int, default=250)
@@ -230,7 +244,7 @@ def main(argv=None) -> int:
         return 2
     torch.manual_seed(args.seed)
     tokenizer, lavida = build_small_model(args.seed, overrides)
-    model = OracleModel(lavida, args.grid, args.position_code).train()
+    model = OracleModel(lavida, args.grid, args.position_code, args.paint).train()
     final_kind, final_qtypes, _ = stages[-1]
     eval_items = draw_items(final_kind, "val", max(1, args.n_eval // 4), final_qtypes, args.seed)[: args.n_eval]
     collate = DataCollatorForSupervisedDataset(tokenizer.pad_token_id, seed=args.seed, extra_pad_range=(-16, 16))

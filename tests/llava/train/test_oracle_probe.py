@@ -84,3 +84,17 @@ def test_linear_position_code_is_ordered_and_an_unknown_code_is_an_error():
     torch.testing.assert_close(tokens[0, 0] - tokens[3, 3], -2 * (oracle.row_dir + oracle.col_dir).detach())
     with pytest.raises(ValueError, match="position code"):
         probe.OracleTokens(8, position_code="sinusoid")
+
+
+def test_centre_paint_keeps_an_entity_smaller_than_a_cell():
+    tiny = {"colour": "red", "shape": "circle", "label": "A", "box": [10, 10, 30, 30], "size": 20}  # misses (50, 50)
+    scene = {"size": [400, 400], "entities": [tiny]}
+    background = len(eg.COLOURS)
+    cover = probe.OracleTokens(8, grid=4).cell_ids(scene)
+    assert int((cover["colour"] != background).sum()) == 0 and int(cover["centre"].sum()) == 1
+    painted = probe.OracleTokens(8, grid=4, paint="centre").cell_ids(scene)
+    assert painted["colour"].tolist()[0] == list(eg.COLOURS).index("red")
+    assert painted["shape"].tolist()[0] == eg.SHAPES.index("circle")
+    assert int((painted["colour"] != background).sum()) == 1
+    with pytest.raises(ValueError, match="paint"):
+        probe.OracleTokens(8, grid=4, paint="bogus")
