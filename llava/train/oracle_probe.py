@@ -136,20 +136,29 @@ class OracleModel(nn.Module):
 
 
 def draw_items(kind: str, split: str, n_images: int, qtypes: tuple[str, ...], seed: int,
-               per_image: int = 4) -> list[tuple[dict, str, str, str]]:
-    """(scene, question prompt, answer, qtype) for `per_image` questions on each of `n_images` scenes (balanced
-    counts), no image rendered."""
+               per_image: int = 4) -> list[tuple[dict, str, str, str, str]]:
+    """(scene, question prompt, answer, qtype, form) for `per_image` questions on each of `n_images` scenes
+    (balanced counts), no image rendered. `form` splits a type by what its answer needs: a count of a colour or
+    of a shape, a position on the x or the y axis (one word per axis is the position prior)."""
     prompt = DATASET_SPECS["entitygrid"].prompt
     out = []
     for i in range(n_images):
         scene, questions = eg.make_scene_questions(split, i, seed, kind, per_image, qtypes, balanced_counts=True)
         for q, a, meta in questions:
-            out.append((scene, prompt(q), a, meta["qtype"]))
+            out.append((scene, prompt(q), a, meta["qtype"], question_form(meta)))
     return out
 
 
+def question_form(meta: dict) -> str:
+    if meta["qtype"] == "count":
+        return "count of " + next(iter(meta["count_of"]))
+    if meta["qtype"] == "position":
+        return f"position {meta['axis']}"
+    return meta["qtype"]
+
+
 def tokenize(item, tokenizer, index: int) -> dict:
-    scene, question, answer, _ = item
+    scene, question, answer = item[:3]
     conv = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
     out = preprocess_llada(conv, tokenizer, True, np.random.default_rng(0), inference_prompt=True)
     out.update(image=scene, index=index, epoch=0)
@@ -158,10 +167,11 @@ def tokenize(item, tokenizer, index: int) -> dict:
 
 @torch.no_grad()
 def evaluate(model: OracleModel, tokenizer, items: list, batch: int = 32) -> dict:
-    """Per-type accuracy at the first answer slot, next to each type's majority-answer share."""
+    """{"by_type", "by_form"}: accuracy at the first answer slot (every EntityGrid answer is one token of the
+    built-in tokenizer) per question type and per form, next to the same items' majority-answer share."""
     model.eval()
     mask_id = model.config.llada.mask_token_id
-    right: Counter = Counter()
+    right = [False] * len(items)
     by_length: dict[int, list[int]] = {}  # rows of one prompt length run together, so no row needs padding
     encoded = [tokenize(it, tokenizer, 0) for it in items]
     for i, it in enumerate(encoded):
@@ -176,15 +186,18 @@ def evaluate(model: OracleModel, tokenizer, items: list, batch: int = 32) -> dic
             logits = model.model(inputs_embeds=embeds)
             at = length + visual[0].shape[0] - 1  # the first answer slot, after the placeholder became the tokens
             for i, row in zip(chunk, logits):
-                right[items[i][3]] += int(row[at].argmax()) == int(encoded[i]["labels"][length])
+                right[i] = int(row[at].argmax()) == int(encoded[i]["labels"][length])
     model.train()
-    by_type = {}
-    for qtype in sorted({it[3] for it in items}):
-        answers = [it[2] for it in items if it[3] == qtype]
-        by_type[qtype] = {"accuracy": round(100 * right[qtype] / len(answers), 1),
-                          "majority": round(100 * Counter(answers).most_common(1)[0][1] / len(answers), 1),
-                          "n": len(answers)}
-    return by_type
+    out = {}
+    for name, key in (("by_type", 3), ("by_form", 4)):
+        out[name] = {}
+        for group in sorted({it[key] for it in items}):
+            rows = [i for i, it in enumerate(items) if it[key] == group]
+            answers = [items[i][2] for i in rows]
+            out[name][group] = {"accuracy": round(100 * sum(right[i] for i in rows) / len(rows), 1),
+                                "majority": round(100 * Counter(answers).most_common(1)[0][1] / len(rows), 1),
+                                "n": len(rows)}
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,7 +283,7 @@ def main(argv=None) -> int:
             if step % args.eval_every == 0 or stage_step == steps:
                 point = {"step": step, "stage": f"{kind}:{','.join(qtypes)}", "loss": round(loss.item(), 4),
                          "lr": round(schedule.get_last_lr()[0], 7), "seconds": round(time.time() - start, 1),
-                         "by_type": evaluate(model, tokenizer, eval_items)}
+                         **evaluate(model, tokenizer, eval_items)}
                 curve.append(point)
                 print(json.dumps(point), flush=True)
     if args.out:

@@ -44,6 +44,8 @@ def test_main_trains_and_reports_accuracy_next_to_the_majority(tmp_path, capsys)
     assert [p["step"] for p in curve] == [1, 2] and all(torch.isfinite(torch.tensor(p["loss"])) for p in curve)
     for point in curve:
         assert sum(t["n"] for t in point["by_type"].values()) == 8
+        assert sum(t["n"] for t in point["by_form"].values()) == 8
+        assert set(point["by_form"]) <= {"count of colour", "count of shape", "position x", "position y"}
         assert all(0 <= t["accuracy"] <= 100 and t["majority"] > 0 for t in point["by_type"].values())
 
 
