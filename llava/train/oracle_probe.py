@@ -93,17 +93,18 @@ class OracleTokens(nn.Module):
         shape = torch.full((self.grid, self.grid), len(eg.SHAPES))
         centre = torch.zeros(self.grid, self.grid, dtype=torch.long)
         colours, shapes = list(eg.COLOURS), list(eg.SHAPES)
+        centre_cells = []  # (row, col, colour id, shape id) of each entity's box centre
         for e in scene["entities"]:
             x0, y0, x1, y1 = e["box"]
+            ids = colours.index(e["colour"]), shapes.index(e["shape"])
             inside = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
-            colour[inside], shape[inside] = colours.index(e["colour"]), shapes.index(e["shape"])
+            colour[inside], shape[inside] = ids
             r, c = min(int((y0 + y1) / 2 / side), self.grid - 1), min(int((x0 + x1) / 2 / side), self.grid - 1)
             centre[r, c] = 1
+            centre_cells.append((r, c, *ids))
         if self.paint == "centre":  # after all coverage, so a neighbour's box cannot paint over a centre cell
-            for e in scene["entities"]:
-                x0, y0, x1, y1 = e["box"]
-                r, c = min(int((y0 + y1) / 2 / side), self.grid - 1), min(int((x0 + x1) / 2 / side), self.grid - 1)
-                colour[r, c], shape[r, c] = colours.index(e["colour"]), shapes.index(e["shape"])
+            for r, c, colour_id, shape_id in centre_cells:
+                colour[r, c], shape[r, c] = colour_id, shape_id
         rows, cols = torch.meshgrid(torch.arange(self.grid), torch.arange(self.grid), indexing="ij")
         return {k: v.flatten() for k, v in
                 {"colour": colour, "shape": shape, "centre": centre, "row": rows, "col": cols}.items()}
