@@ -168,8 +168,10 @@ def tokenize(item, tokenizer, index: int) -> dict:
 
 @torch.no_grad()
 def evaluate(model: OracleModel, tokenizer, items: list, batch: int = 32) -> dict:
-    """{"by_type", "by_form"}: accuracy at the first answer slot (every EntityGrid answer is one token of the
-    built-in tokenizer) per question type and per form, next to the same items' majority-answer share."""
+    """{"overall", "by_type", "by_form"}: accuracy at the first answer slot (every EntityGrid answer is one token
+    of the built-in tokenizer) per question type and per form, next to the same items' majority-answer share;
+    "overall" sets the accuracy against both priors: answering each type's, or each form's, majority. The form
+    prior is the one to beat -- the question's words alone tell a colour count from a shape count."""
     model.eval()
     mask_id = model.config.llada.mask_token_id
     right = [False] * len(items)
@@ -189,15 +191,16 @@ def evaluate(model: OracleModel, tokenizer, items: list, batch: int = 32) -> dic
             for i, row in zip(chunk, logits):
                 right[i] = int(row[at].argmax()) == int(encoded[i]["labels"][length])
     model.train()
-    out = {}
+    out = {"overall": {"accuracy": round(100 * sum(right) / len(items), 1), "n": len(items)}}
     for name, key in (("by_type", 3), ("by_form", 4)):
-        out[name] = {}
+        out[name], majority_items = {}, 0
         for group in sorted({it[key] for it in items}):
             rows = [i for i, it in enumerate(items) if it[key] == group]
-            answers = [items[i][2] for i in rows]
+            majority = Counter(items[i][2] for i in rows).most_common(1)[0][1]
+            majority_items += majority
             out[name][group] = {"accuracy": round(100 * sum(right[i] for i in rows) / len(rows), 1),
-                                "majority": round(100 * Counter(answers).most_common(1)[0][1] / len(rows), 1),
-                                "n": len(rows)}
+                                "majority": round(100 * majority / len(rows), 1), "n": len(rows)}
+        out["overall"][f"prior_{name.removeprefix('by_')}"] = round(100 * majority_items / len(items), 1)
     return out
 
 

@@ -47,6 +47,14 @@ def test_main_trains_and_reports_accuracy_next_to_the_majority(tmp_path, capsys)
         assert sum(t["n"] for t in point["by_form"].values()) == 8
         assert set(point["by_form"]) <= {"count of colour", "count of shape", "position x", "position y"}
         assert all(0 <= t["accuracy"] <= 100 and t["majority"] > 0 for t in point["by_type"].values())
+        # the overall priors are the per-group majorities weighted by n; answering by form is never worse
+        overall = point["overall"]
+        for name in ("type", "form"):
+            groups = point[f"by_{name}"].values()
+            assert overall[f"prior_{name}"] == pytest.approx(sum(t["majority"] * t["n"] for t in groups) / 8, abs=0.1)
+        assert overall["prior_form"] >= overall["prior_type"] and overall["n"] == 8
+        assert overall["accuracy"] == pytest.approx(
+            sum(t["accuracy"] * t["n"] for t in point["by_type"].values()) / 8, abs=0.1)
 
 
 def test_bad_flags_are_errors(capsys):
