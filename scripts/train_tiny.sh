@@ -13,11 +13,13 @@
 #   stage 0  the SigLIP tower alone (llava.train.pretrain_vision): 112² crops centred on one entity at sides
 #            10-100 px, its colour / shape / label read by linear heads from the mean token, and per token its
 #            (x, y) and whether an entity's centre is in its patch (so tokens keep where they are) -- the stand-in for the
-#            SigLIP pretraining no one can download here. It learns colour and shape, not labels (val crop
+#            SigLIP pretraining no one can download here; per token also the colour and shape of the entity
+#            whose centre is in its patch (an oracle LM counts on grids only when every entity, however small, is
+#            in its centre token). It learns colour and shape, not labels (val crop
 #            accuracy in $OUT/stage0/val_accuracy.json): reading a letter at any scale and sub-patch offset is an
 #            invariance a 64-wide ViT from scratch does not learn in this budget, so stages 2-3 do not train on
 #            questions that need a label read (label, colour-of-label, shape-of-label); stage 1 keeps them (one
-#            entity makes the label irrelevant), the grid stages 4-5 keep all five
+#            entity makes the label irrelevant), the grid stages 5-6 keep all five
 #   stage 1  "solo" images (ONE entity, 40-80% of the shorter side): name its colour and shape, and count
 #            questions whose colour/shape is in the image half the time (--balanced-counts; drawn uniformly it
 #            would be 0 for 7/8 of colour counts, and "always 0" is what the model then learns)
@@ -28,19 +30,24 @@
 #   stages 1-3 see ONE 384² view pooled to 14x14 = 196 tokens (image_aspect_ratio pad + this project's config
 #            key mm_2d_pool true): a quarter of the LM's sequence of the unpooled view, enough for entities this
 #            large
-#   stage 4  "grid" images (12-24 entities of all sizes), all five question types (counts and positions twice
-#            as often; the label types then at least score their prior), LaViDa's any-res views pooled
-#            to ~1,000 tokens (image_aspect_ratio anyres, --prune_method pool): the LaViDa-style baseline model
-#   stage 5  the same grids, --prune_method shirg, LoRA on SigLIP layers 0-3 q/k/v (+4-5 q/k where they exist)
+#   stage 4  "grid" images (12-24 entities of all sizes), count questions only, LaViDa's any-res views pooled
+#            to ~1,000 tokens (image_aspect_ratio anyres, --prune_method pool): the matching stage again, where
+#            entities are small and many (an oracle LM with every entity in its tokens needed ~800 grid count
+#            steps to leave the prior; the earlier recipe, which went straight to the mixed stage 5, left grid
+#            counts at their prior)
+#   stage 5  the same grids, all five question types (counts and positions twice
+#            as often; the label types then at least score their prior), the same pooled any-res views: the
+#            LaViDa-style baseline model
+#   stage 6  the same grids, --prune_method shirg, LoRA on SigLIP layers 0-3 q/k/v (+4-5 q/k where they exist)
 #            and the projector from scripts/lora_shirg.yaml (rank 16 here: the small widths are 64), the rest
 #            frozen: SHIRG's training stage
-# Stages 1-4 train the projector and the LM; SigLIP stays as stage 0 left it, frozen, and its features are
+# Stages 1-5 train the projector and the LM; SigLIP stays as stage 0 left it, frozen, and its features are
 # computed once per view and cached in RAM (--vision_feature_cache_gb; 5 any-res views x 729 x 64 fp32 = 0.9 MB
 # per image). Training SigLIP through the LM's answer loss instead made the first LM stage's loss worse and costs
 # ~40 % more per step. SHIRG's LoRA stage is the first to adapt SigLIP after stage 0.
 # Every stage trains on prompts tokenised exactly as inference tokenises them (--inference_prompt True: LaViDa's
 # inference drops the newline after <image>, its training keeps it; a model this small does not survive that
-# one-token shift). Knobs: STEPS0..STEPS5 (optimizer steps per stage), BATCH (stages 1-3; stages 4-5 use half),
+# one-token shift). Knobs: STEPS0..STEPS6 (optimizer steps per stage), BATCH (stages 1-3; stages 4-6 use half),
 # N_SOLO, N_SINGLE, N_GRID (training images), OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,7 +60,8 @@ STEPS1=${STEPS1:-1000}
 STEPS2=${STEPS2:-800}
 STEPS3=${STEPS3:-1200}
 STEPS4=${STEPS4:-800}
-STEPS5=${STEPS5:-120}
+STEPS5=${STEPS5:-800}
+STEPS6=${STEPS6:-120}
 BATCH=${BATCH:-16}
 N_SOLO=${N_SOLO:-2000}
 N_SINGLE=${N_SINGLE:-3000}
@@ -74,6 +82,7 @@ log "data: $N_SOLO solo, $N_SINGLE single, $N_GRID grid EntityGrid training imag
 data solo solo "$N_SOLO" 4 colour,shape,count
 data solo-count solo "$N_SOLO" 2 count
 data single-cp single "$N_SINGLE" 4 count,position
+data grid-count grid "$N_GRID" 4 count
 data grid-all grid "$N_GRID" 4 label,colour,shape,count,count,position,position
 
 # --extra_pad_max 16: LaViDa appends up to 128 extra EOS targets to a batch; with one-word answers those would be
@@ -105,18 +114,20 @@ log "stage 2: solo images, counts only (matching question words to the image), $
 stage 2 "$OUT/stage1/final" solo-count "$STEPS2" 1e-3 0.3 "$BATCH" --prune_method lavida "${frozen_siglip[@]}"
 log "stage 3: single images (1-3 entities), counts and positions, $STEPS3 steps"
 stage 3 "$OUT/stage2/final" single-cp "$STEPS3" 1e-3 0.3 "$BATCH" --prune_method lavida "${frozen_siglip[@]}"
-log "stage 4: grids, any-res views pooled (LaViDa-style), $STEPS4 steps"
-stage 4 "$OUT/stage3/final" grid-all "$STEPS4" 1e-3 0.1 "$((BATCH / 2))" \
+log "stage 4: grids, any-res views pooled (LaViDa-style), counts only, $STEPS4 steps"
+stage 4 "$OUT/stage3/final" grid-count "$STEPS4" 1e-3 0.3 "$((BATCH / 2))" \
     --config_overrides '{"image_aspect_ratio": "anyres", "mm_2d_pool": null}' --prune_method pool "${frozen_siglip[@]}"
-log "stage 5: SHIRG LoRA on grids, $STEPS5 steps"
-stage 5 "$OUT/stage4/final" grid-all "$STEPS5" 1e-3 0.1 "$((BATCH / 2))" --prune_method shirg \
+log "stage 5: grids, any-res views pooled (LaViDa-style), all question types, $STEPS5 steps"
+stage 5 "$OUT/stage4/final" grid-all "$STEPS5" 1e-3 0.1 "$((BATCH / 2))" --prune_method pool "${frozen_siglip[@]}"
+log "stage 6: SHIRG LoRA on grids, $STEPS6 steps"
+stage 6 "$OUT/stage5/final" grid-all "$STEPS6" 1e-3 0.1 "$((BATCH / 2))" --prune_method shirg \
     --lora_enable True --lora_config scripts/lora_shirg.yaml --lora_r 16 --lora_alpha 32
 
 log "copying the results to $MODEL_DIR and $MODEL_DIR-shirg-lora"
 rm -rf "$MODEL_DIR.tmp" "$MODEL_DIR-shirg-lora.tmp"
 mkdir -p "$(dirname "$MODEL_DIR")"
-cp -r "$OUT/stage4/final" "$MODEL_DIR.tmp"
-cp -r "$OUT/stage5/final" "$MODEL_DIR-shirg-lora.tmp"
+cp -r "$OUT/stage5/final" "$MODEL_DIR.tmp"
+cp -r "$OUT/stage6/final" "$MODEL_DIR-shirg-lora.tmp"
 rm -rf "$MODEL_DIR" "$MODEL_DIR-shirg-lora"
 mv "$MODEL_DIR.tmp" "$MODEL_DIR"
 mv "$MODEL_DIR-shirg-lora.tmp" "$MODEL_DIR-shirg-lora"

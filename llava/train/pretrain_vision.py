@@ -14,12 +14,14 @@ each centred, with jitter, on one entity of a generator image, scaled so that th
 CROP_ENTITY_SIDE -- from a blob of a patch to a shape filling the crop, the range in which grid entities appear in
 LaViDa's views and SHIRG's fovea. The colour, shape and label of that entity are read by one linear classifier
 each from the mean of the crop's tokens: the tokens must carry what the entity is, as the LM's attention later
-reads them. Two per-token linear heads ask every token where it is (its patch centre's (x, y) in the crop, in
-[-1, 1]; squared error) and whether an entity's centre lies in its patch (binary cross-entropy): without them a
-linear read-out of a token's row or column from the tower's features had held-out R² < 0 (left/right questions
-then have nothing to read), and one marked token per entity is what a count can add up, where the number of
-tokens an entity paints grows with its size. A 729-token view costs ~12x a crop here, so a step of 128 crops
-costs about 10 full views.
+reads them. Per-token linear heads ask every token where it is (its patch centre's (x, y) in the crop, in
+[-1, 1]; squared error), whether an entity's centre lies in its patch (binary cross-entropy) and, where one
+does, that entity's colour and shape (cross-entropy): without the first a linear read-out of a token's row or
+column from the tower's features had held-out R² < 0 (left/right questions then have nothing to read); one
+marked token per entity is what a count can add up, where the number of tokens an entity paints grows with its
+size, and it must say what it marks, or an entity smaller than a patch is in no token at all. The end-of-stage
+accuracy also reads the centre tokens of whole grid images' 384² global views. A 729-token view costs ~12x a
+crop here, so a step of 128 crops costs about 10 full views.
 
 What was measured on the way (64-wide tower, 2-core CPU): dense per-patch targets on whole 384² views (each
 token asked the attributes of the entity painting it) learned colour only in 600 steps, shape and label stayed
@@ -51,7 +53,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from llava.constants import SIGLIP_PATCH_SIZE
+from llava.constants import SIGLIP_GRID, SIGLIP_IMAGE_SIZE, SIGLIP_PATCH_SIZE
 from llava.errors import CheckpointError, ConfigError, LavidaError
 from llava.eval import entitygrid as eg
 from llava.mm_utils import image_to_tensor
@@ -67,16 +69,23 @@ CROP_PX = 112  # crop side fed to the tower: 8x8 tokens
 CROP_ENTITY_SIDE = (10.0, 100.0)  # the centre entity's side in crop pixels, log-uniform
 CROPS_PER_IMAGE = 8  # crops drawn from each generated image (drawing the image is the costly part)
 CROP_GRID = CROP_PX // SIGLIP_PATCH_SIZE
+TOKEN_ATTRIBUTES = ("colour", "shape")  # asked per centre token (labels are not learnable here, see above)
+NO_ENTITY = -100  # per-token target of a patch holding no entity centre (cross-entropy's ignore index)
+TOKEN_TARGETS = ("centre", *(f"token_{k}" for k in TOKEN_ATTRIBUTES))
+GRID_VIEW_IMAGES = 48  # val grid images whose 384² global view the end-of-stage accuracy also reads
 
 
 class CropHeads(nn.Module):
-    """One linear classifier per attribute on the mean of a crop's tokens, and two per-token linear heads: the
-    token's own (x, y) in the crop and whether an entity's centre lies in its patch (LayerNorm first everywhere:
-    the tower's output is the unnormalised residual stream LaViDa's projector reads).
+    """One linear classifier per attribute on the mean of a crop's tokens, and per-token linear heads: the token's
+    own (x, y) in the crop, whether an entity's centre lies in its patch, and that entity's colour and shape
+    (LayerNorm first everywhere: the tower's output is the unnormalised residual stream LaViDa's projector reads).
 
     Why the per-token heads: with the mean-token heads alone, a linear read-out of a token's row or column from
     its features had held-out R² < 0, so no LM could answer left/right/above/below; and an entity covers a number
-    of tokens that grows with its size, so counting "how many" needs one marked token per entity."""
+    of tokens that grows with its size, so counting "how many" needs one marked token per entity. The marked
+    token must also say WHAT is there: an oracle LM probe counted on grids (54 % against a 34 % prior) only when
+    every entity, however small, was painted onto its centre token, and stayed at the prior when entities smaller
+    than a token were lost (58 % of grid entities at a 14x14 map) -- hence colour and shape per centre token."""
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -84,13 +93,17 @@ class CropHeads(nn.Module):
                                     for k, v in ATTRIBUTES.items()})
         self.position = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2))
         self.centre = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 1))
+        self.token_heads = nn.ModuleDict({k: nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, len(ATTRIBUTES[k])))
+                                          for k in TOKEN_ATTRIBUTES})
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Attribute logits [B, classes] per attribute; "position" [B, N, 2]; "centre" logits [B, N]."""
+        """Attribute logits [B, classes] per attribute; "position" [B, N, 2]; "centre" logits [B, N]; per token
+        attribute "token_<k>" logits [B, N, classes]."""
         pooled = features.mean(1)
         out = {k: head(pooled) for k, head in self.heads.items()}
         out["position"] = self.position(features)
         out["centre"] = self.centre(features).squeeze(-1)
+        out.update({f"token_{k}": head(features) for k, head in self.token_heads.items()})
         return out
 
 
@@ -104,16 +117,26 @@ def token_positions(n_tokens: int) -> torch.Tensor:
     return torch.stack([x.flatten(), y.flatten()], -1)
 
 
-def centre_mask(crop: tuple[float, float, float, float], entities: list[dict], grid: int) -> list[float]:
-    """Per patch of the crop's grid x grid tokens (raster order): 1.0 where an entity's box centre falls."""
+def centre_entities(crop: tuple[float, float, float, float], entities: list[dict], grid: int) -> list[int]:
+    """Per patch of the crop's grid x grid tokens (raster order): the index of the entity whose box centre falls
+    in it (the last one where two do), NO_ENTITY elsewhere."""
     x0, y0, side, _ = crop
-    mask = [0.0] * (grid * grid)
-    for e in entities:
+    found = [NO_ENTITY] * (grid * grid)
+    for i, e in enumerate(entities):
         bx0, by0, bx1, by1 = e["box"]
         u, v = ((bx0 + bx1) / 2 - x0) / side * grid, ((by0 + by1) / 2 - y0) / side * grid
         if 0 <= u < grid and 0 <= v < grid:
-            mask[int(v) * grid + int(u)] = 1.0
-    return mask
+            found[int(v) * grid + int(u)] = i
+    return found
+
+
+def token_targets(found: list[int], entities: list[dict]) -> dict[str, list]:
+    """From `centre_entities`: "centre" (1.0 where an entity centre is) and per TOKEN_ATTRIBUTES that entity's
+    class (NO_ENTITY elsewhere)."""
+    out = {"centre": [float(i != NO_ENTITY) for i in found]}
+    for k in TOKEN_ATTRIBUTES:
+        out[f"token_{k}"] = [NO_ENTITY if i == NO_ENTITY else ATTRIBUTES[k].index(entities[i][k]) for i in found]
+    return out
 
 
 def draw_entity_crop(rng: random.Random, width: int, height: int, entities: list[dict]
@@ -134,10 +157,11 @@ def draw_entity_crop(rng: random.Random, width: int, height: int, entities: list
 def make_batch(seed: int, step: int, n_crops: int, kinds: list[str], n_images: int, split: str
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Crops [n_crops,3,CROP_PX,CROP_PX] (LaViDa's preprocessing) of one step, CROPS_PER_IMAGE per image; per
-    attribute the class of the entity each is centred on [n_crops], and "centre" [n_crops, CROP_GRID²] (1 where
-    any entity's centre lies in the patch): a pure function of (seed, step)."""
+    attribute the class of the entity each is centred on [n_crops], and per token [n_crops, CROP_GRID²] "centre"
+    (1 where any entity's centre lies in the patch) and "token_<k>" (that entity's class, NO_ENTITY elsewhere):
+    a pure function of (seed, step)."""
     rng = random.Random(f"pretrain-vision-crops/{split}/{seed}/{step}")
-    pixels, targets = [], {k: [] for k in (*ATTRIBUTES, "centre")}
+    pixels, targets = [], {k: [] for k in (*ATTRIBUTES, *TOKEN_TARGETS)}
     while len(pixels) < n_crops:
         kind = rng.choice(kinds)
         image, scene, _ = eg.make_sample(split, rng.randrange(n_images), seed, kind, questions_per_image=0)
@@ -148,23 +172,59 @@ def make_batch(seed: int, step: int, n_crops: int, kinds: list[str], n_images: i
             pixels.append(image_to_tensor(rgb.crop((round(x0), round(y0), round(x0 + w), round(y0 + h))), CROP_PX))
             for k, classes in ATTRIBUTES.items():
                 targets[k].append(classes.index(scene["entities"][index][k]))
-            targets["centre"].append(centre_mask(crop, scene["entities"], CROP_GRID))
+            for k, v in token_targets(centre_entities(crop, scene["entities"], CROP_GRID), scene["entities"]).items():
+                targets[k].append(v)
     return torch.stack(pixels), {k: torch.tensor(v) for k, v in targets.items()}
 
 
 def losses(heads: CropHeads, features: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Cross-entropy per attribute of each crop's centre entity; per token, the squared error of its predicted
-    (x, y) and the binary cross-entropy of "an entity's centre is in this patch"."""
+    (x, y), the binary cross-entropy of "an entity's centre is in this patch", and on the patches where one is,
+    the cross-entropy of that entity's colour and shape."""
     out = heads(features)
     parts = {k: F.cross_entropy(out[k], targets[k]) for k in ATTRIBUTES}
     parts["position"] = F.mse_loss(out["position"], token_positions(features.shape[1]).expand_as(out["position"]))
     parts["centre"] = F.binary_cross_entropy_with_logits(out["centre"], targets["centre"])
+    for k in TOKEN_ATTRIBUTES:  # every crop holds its own entity's centre, so no batch lacks a target
+        parts[f"token_{k}"] = F.cross_entropy(out[f"token_{k}"].flatten(0, 1), targets[f"token_{k}"].flatten(),
+                                              ignore_index=NO_ENTITY)
     return parts
 
 
+def centre_token_scores(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], prefix: str = ""
+                        ) -> dict[str, float]:
+    """Recall and precision of the centre head (logit > 0), and per TOKEN_ATTRIBUTES the accuracy of the per-token
+    head on the patches that hold an entity centre."""
+    centre, predicted = targets["centre"] > 0.5, out["centre"] > 0
+    acc = {f"{prefix}centre_recall": round(predicted[centre].float().mean().item(), 4),
+           f"{prefix}centre_precision": round(centre[predicted].float().mean().item(), 4) if predicted.any() else 0.0}
+    for k in TOKEN_ATTRIBUTES:
+        right = out[f"token_{k}"].argmax(-1)[centre] == targets[f"token_{k}"][centre]
+        acc[f"{prefix}token_{k}"] = round(right.float().mean().item(), 4)
+    return acc
+
+
+def grid_views(seed: int, n_images: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The global 384² view (LaViDa's distorting resize) of `n_images` val-split grid images, with the per-token
+    targets of its 27x27 patches: where the LM's pooled tokens come from, with entities far smaller than crops'."""
+    pixels, targets = [], {k: [] for k in TOKEN_TARGETS}
+    for i in range(n_images):
+        image, scene, _ = eg.make_sample("val", i, seed, "grid", questions_per_image=0)
+        pixels.append(image_to_tensor(image.convert("RGB"), SIGLIP_IMAGE_SIZE))
+        w, h = scene["size"]  # the view is the image stretched to a square: scale the boxes to the width
+        squashed = [{**e, "box": [e["box"][0], e["box"][1] * w / h, e["box"][2], e["box"][3] * w / h]}
+                    for e in scene["entities"]]
+        found = centre_entities((0.0, 0.0, float(w), float(w)), squashed, SIGLIP_GRID)
+        for k, v in token_targets(found, squashed).items():
+            targets[k].append(v)
+    return torch.stack(pixels), {k: torch.tensor(v) for k, v in targets.items()}
+
+
 @torch.no_grad()
-def accuracy(tower, heads: CropHeads, seed: int, kinds: list[str], n_crops: int) -> dict[str, float]:
-    """Per attribute, the share of val-split crops whose centre entity the heads name right."""
+def accuracy(tower, heads: CropHeads, seed: int, kinds: list[str], n_crops: int, n_grid_views: int = GRID_VIEW_IMAGES
+             ) -> dict[str, float]:
+    """Per attribute, the share of val-split crops whose centre entity the heads name right; the position R²;
+    the centre-token scores on the crops and ("grid_view_"), on whole grid images' global views."""
     pixels, targets = make_batch(seed, 0, n_crops, kinds, 1000, "val")
     features = tower(pixels).features
     out = heads(features)
@@ -172,10 +232,10 @@ def accuracy(tower, heads: CropHeads, seed: int, kinds: list[str], n_crops: int)
     truth = token_positions(features.shape[1]).expand_as(out["position"])
     acc["position_r2"] = round(1 - ((out["position"] - truth) ** 2).sum().item()
                                / ((truth - truth.mean((0, 1))) ** 2).sum().item(), 4)
-    centre = targets["centre"] > 0.5
-    predicted = out["centre"] > 0
-    acc["centre_recall"] = round(predicted[centre].float().mean().item(), 4)
-    acc["centre_precision"] = round(centre[predicted].float().mean().item(), 4) if predicted.any() else 0.0
+    acc.update(centre_token_scores(out, targets))
+    if n_grid_views:
+        views, view_targets = grid_views(seed, n_grid_views)
+        acc.update(centre_token_scores(heads(tower(views).features), view_targets, "grid_view_"))
     return acc
 
 

@@ -62,9 +62,15 @@ def test_losses_train_every_head():
     heads = pv.CropHeads(8)
     features = torch.randn(5, 4, 8, requires_grad=True)
     targets = {k: torch.randint(len(v), (5,)) for k, v in pv.ATTRIBUTES.items()}
-    targets["centre"] = (torch.rand(5, 4) < 0.2).float()
+    found = [[0, pv.NO_ENTITY, 1, pv.NO_ENTITY]] * 5  # two entity centres per crop
+    entities = [entity("red", "square", "K", [0, 0, 9, 9]), entity("blue", "circle", "7", [0, 0, 9, 9])]
+    per_token = [pv.token_targets(f, entities) for f in found]
+    targets.update({k: torch.tensor([t[k] for t in per_token]) for k in pv.TOKEN_TARGETS})
+    assert targets["token_colour"][0].tolist() == [pv.ATTRIBUTES["colour"].index("red"), pv.NO_ENTITY,
+                                                   pv.ATTRIBUTES["colour"].index("blue"), pv.NO_ENTITY]
     parts = pv.losses(heads, features, targets)
-    assert set(parts) == {*pv.ATTRIBUTES, "position", "centre"} and all(torch.isfinite(v) for v in parts.values())
+    assert set(parts) == {*pv.ATTRIBUTES, "position", *pv.TOKEN_TARGETS}
+    assert all(torch.isfinite(v) for v in parts.values())
     sum(parts.values()).backward()
     assert all(p.grad is not None for p in heads.parameters()) and features.grad.abs().sum() > 0
 
@@ -122,14 +128,29 @@ def test_token_positions_are_patch_centres_in_raster_order():
         pv.token_positions(6)
 
 
-def test_centre_mask_marks_the_patch_of_each_entity_centre_inside_the_crop():
+def test_centre_entities_mark_the_patch_of_each_entity_centre_inside_the_crop():
     entities = [entity("red", "square", "K", [100, 100, 140, 140]),  # centre (120, 120)
                 entity("blue", "circle", "7", [0, 0, 20, 20]),  # centre (10, 10): outside the crop
                 entity("green", "hexagon", "A", [180, 150, 200, 170])]  # centre (190, 160)
-    mask = pv.centre_mask((80.0, 80.0, 160.0, 160.0), entities, 4)  # 4x4 patches of 40 px from (80, 80)
-    assert [i for i, m in enumerate(mask) if m] == [1 * 4 + 1, 2 * 4 + 2]
-    batch = pv.make_batch(0, 0, 6, ["grid"], 4, "train")[1]["centre"]
-    assert batch.shape == (6, pv.CROP_GRID ** 2) and (batch.sum(1) >= 1).all()  # the crop's own entity at least
+    found = pv.centre_entities((80.0, 80.0, 160.0, 160.0), entities, 4)  # 4x4 patches of 40 px from (80, 80)
+    assert {i: e for i, e in enumerate(found) if e != pv.NO_ENTITY} == {1 * 4 + 1: 0, 2 * 4 + 2: 2}
+    targets = pv.token_targets(found, entities)
+    assert [i for i, m in enumerate(targets["centre"]) if m] == [5, 10]
+    assert targets["token_shape"][10] == pv.ATTRIBUTES["shape"].index("hexagon") and targets["token_shape"][0] < 0
+    batch = pv.make_batch(0, 0, 6, ["grid"], 4, "train")[1]
+    assert batch["centre"].shape == (6, pv.CROP_GRID ** 2) and (batch["centre"].sum(1) >= 1).all()  # own entity
+    assert torch.equal(batch["token_colour"] != pv.NO_ENTITY, batch["centre"] > 0.5)
+
+
+def test_grid_views_mark_entity_centres_on_the_stretched_global_view():
+    pixels, targets = pv.grid_views(0, 2)
+    side = pv.SIGLIP_GRID
+    assert pixels.shape == (2, 3, pv.SIGLIP_IMAGE_SIZE, pv.SIGLIP_IMAGE_SIZE)
+    _, scene, _ = eg.make_sample("val", 0, 0, "grid", questions_per_image=0)
+    w, h = scene["size"]
+    expected = {int((e["box"][1] + e["box"][3]) / 2 / h * side) * side + int((e["box"][0] + e["box"][2]) / 2 / w * side)
+                for e in scene["entities"]}
+    assert {i for i, m in enumerate(targets["centre"][0].tolist()) if m} == expected
 
 
 def test_head_vocabularies_are_the_generators():
