@@ -104,8 +104,12 @@ stage() {
 }
 
 log "stage 0: the SigLIP tower from scratch on entity crops, $STEPS0 steps"
-[ -d "$OUT/stage0/final" ] || $PY -m llava.train.pretrain_vision --config_overrides "{$DIMS}" \
-    --output_dir "$OUT/stage0" --max_steps "$STEPS0" --batch_size 128 --learning_rate 1e-3 --seed "$SEED"
+if [ -d "$OUT/stage0/final" ]; then
+    log "stage 0 is done ($OUT/stage0/final; delete it to redo)"
+else
+    $PY -m llava.train.pretrain_vision --config_overrides "{$DIMS}" \
+        --output_dir "$OUT/stage0" --max_steps "$STEPS0" --batch_size 128 --learning_rate 1e-3 --seed "$SEED"
+fi
 
 log "stage 1: projector and LM from scratch, solo images, naming and counting, $STEPS1 steps"
 stage 1 "$OUT/stage0/final" solo "$STEPS1" 2e-3 0.3 "$BATCH" --config_overrides "$one_view" \

@@ -32,3 +32,10 @@ def test_train_tiny_runs_every_stage(tmp_path):
     tokenizer, model, _, _ = load_pretrained_model(str(tmp_path / "models" / "tiny-shirg-lora"),
                                                    model_base=str(model_dir))
     assert model.config.llada.n_layers == 3
+
+    # rerunning a finished run trains nothing: every stage, stage 0 included, says it is done and is skipped
+    again = subprocess.run(["bash", "scripts/train_tiny.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(f"stage {stage} is done" in again.stdout for stage in range(0, 7))
+    assert "] done: " not in again.stderr and (model_dir / "config.json").exists()
