@@ -381,7 +381,8 @@ def write_csv(path: str, rows: list[Row], gpu: Gpu) -> None:
 # * LLaDA block, per token: attn_norm in/out, q k v (fused attention keeps them + its output), the
 #   attention output, ff_norm in/out, gate, SiLU(gate), up, their product = 7·d + 4·mlp values. With
 #   gradient checkpointing only each block's input (d) is kept, plus one block recomputed in the backward.
-# * LM head: the objective computes logits on every position of both copies (2·T·vocab, transient).
+# * LM head: the objective computes logits only on its supervised slots, each answer target once across the
+#   two copies (answer_tokens·vocab, transient).
 # * SigLIP (eager attention, fp32 softmax), per token per layer: LN1 in/out, q k v, attention output,
 #   LN2 in/out, fc1 out, GELU out = 8·h + 2·mlp values, plus per head a T×T fp32 softmax output and its
 #   bf16 copy. Kept for all 26 layers whenever the backward reaches the tower (full training, or LoRA
@@ -430,7 +431,7 @@ def train_activation_bytes(dims: ModelDims, method: Method, text_tokens: int, an
     rows = 2 * (method.lm_visual_tokens + text_tokens + answer_tokens)
     block = (7 * lm.d_model + 4 * lm.mlp) * b
     body = rows * (lm.layers * lm.d_model * b + block) if checkpointing else rows * lm.layers * block
-    head = rows * lm.vocab * b
+    head = answer_tokens * lm.vocab * b  # the head runs on the supervised slots only
     vision = 0.0
     if vision_backward:
         for views, side in method.tower_calls:
@@ -480,8 +481,8 @@ def format_train_memory(rows: list[dict], gpu_bytes: float = 80e9) -> str:
                      f"{(r['grads'] + r['optimizer']) / g:>10.1f}{r['act_full']['total'] / g:>12.1f}"
                      f"{r['act_ckpt']['total'] / g:>12.1f}{r['act_ckpt']['vision'] / g:>18.1f}"
                      f"{r['zero2'] / g:>11.1f}{fits(r['zero2']) or ' '}{z3:>11}{fits(r['zero3']) or ' '}")
-    lines.append(f"! = over {gpu_bytes / g:.0f} GB. act/sample includes the transient full-vocab logits of both "
-                 "copies; ZeRO-3 adds the largest gathered module (the 126k x 4096 LM head).")
+    lines.append(f"! = over {gpu_bytes / g:.0f} GB. act/sample includes the transient logits of the supervised slots "
+                 "(each answer target once); ZeRO-3 adds the largest gathered module (the 126k x 4096 LM head).")
     return "\n".join(lines)
 
 

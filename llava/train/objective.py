@@ -162,10 +162,10 @@ def diffusion_loss(
     attn = None
     if not attend_padding and not bool(valid.all()):
         attn = valid.repeat(2, 1)[:, None, None, :]  # [2B, 1, 1, L]: no query attends to zero padding
-    logits = model.model(inputs_embeds=torch.cat([copy_a, copy_b]), attention_mask=attn)
-
     supervised = torch.cat([mask_a, mask_b])
-    ce_sum = F.cross_entropy(logits[supervised].float(), torch.cat([labels, labels])[supervised], reduction="sum")
+    # the head runs on the supervised slots only (each target once across A and B), not on every position
+    logits = model.model(inputs_embeds=torch.cat([copy_a, copy_b]), attention_mask=attn, logits_at=supervised)
+    ce_sum = F.cross_entropy(logits.float(), torch.cat([labels, labels])[supervised], reduction="sum")
     count = int(supervised.sum())
     loss = ce_sum / max(count, 1)
     stats = {

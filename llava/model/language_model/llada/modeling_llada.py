@@ -242,8 +242,13 @@ class LLaDAModel(nn.Module):
         prefix_cache: Optional[PrefixCache] = None,
         attention_mask: Optional[torch.Tensor] = None,
         lengths: Optional[list[int]] = None,
+        logits_at: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """inputs_embeds [B, T, D] -> logits [B, T, embedding_size].
+
+        `logits_at` (bool [B, T]): run the head only there and return [N, embedding_size] for the N True slots in
+        row-major order. The training loss reads only its supervised slots; the full [2B, T, vocab] logits would
+        be its largest transient tensor at 8B (126k vocabulary, 0.5 GB per sample in bf16).
 
         With `prefix_cache` the T tokens sit at positions P..P+T-1 and attend to [cached prompt; themselves];
         the prompt itself is not recomputed. `attention_mask` (bool, True = may attend) has shape
@@ -254,7 +259,7 @@ class LLaDAModel(nn.Module):
         leading tokens of sample b are real (right padding; logits of padded slots are meaningless).
         """
         if lengths is not None or (prefix_cache is not None and prefix_cache.lengths is not None):
-            return self._forward_ragged(inputs_embeds, prefix_cache, attention_mask, lengths)
+            return self._forward_ragged(inputs_embeds, prefix_cache, attention_mask, lengths, logits_at)
         B, T, _ = inputs_embeds.shape
         start = prefix_cache.prefix_length if prefix_cache is not None else 0
         cached = prefix_cache.layer_lengths() if prefix_cache is not None else [0] * self.config.n_layers
@@ -269,9 +274,9 @@ class LLaDAModel(nn.Module):
         for i, block in enumerate(self.transformer.blocks):
             past_kv = (prefix_cache.keys[i], prefix_cache.values[i]) if prefix_cache is not None else None
             x, _ = self._block(block, x, cos, sin, past_kv, attention_mask)
-        return self.lm_logits(x)
+        return self.lm_logits(x if logits_at is None else x[logits_at])
 
-    def _forward_ragged(self, inputs_embeds, prefix_cache, attention_mask, lengths) -> torch.Tensor:
+    def _forward_ragged(self, inputs_embeds, prefix_cache, attention_mask, lengths, logits_at=None) -> torch.Tensor:
         B, T, _ = inputs_embeds.shape
         if attention_mask is not None:
             raise InputError("give either attention_mask or ragged lengths, not both")
@@ -292,7 +297,7 @@ class LLaDAModel(nn.Module):
         for i, block in enumerate(self.transformer.blocks):
             past_kv = (prefix_cache.keys[i], prefix_cache.values[i]) if prefix_cache is not None else None
             x, _ = self._block(block, x, cos, sin, past_kv, None, lengths, past_lengths)
-        return self.lm_logits(x)
+        return self.lm_logits(x if logits_at is None else x[logits_at])
 
     def prefill(
         self, inputs_embeds: torch.Tensor, prune_hook: Optional[PruneHook] = None, lengths: Optional[list[int]] = None

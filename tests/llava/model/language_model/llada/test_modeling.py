@@ -120,6 +120,19 @@ def test_forward_matches_reference_math(n_kv_heads):
         torch.testing.assert_close(model(x), reference_logits(model, x), atol=1e-5, rtol=1e-5)
 
 
+def test_logits_at_runs_the_head_on_the_chosen_slots_only():
+    """The training loss asks for its supervised slots only; they must be the full logits' rows, plain and ragged."""
+    model = make_model()
+    x = torch.randn(2, 9, 64)
+    at = torch.rand(2, 9) < 0.4
+    at[0, 0] = True
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, logits_at=at), model(x)[at], atol=1e-6, rtol=1e-6)
+        ragged = model(x, lengths=[9, 6])
+        torch.testing.assert_close(model(x, lengths=[9, 6], logits_at=at), ragged[at], atol=1e-6, rtol=1e-6)
+    assert model(x, logits_at=at).shape == (int(at.sum()), model.config.embedding_size)
+
+
 def test_attention_is_bidirectional():
     model = make_model()
     x = torch.randn(1, 6, 64)
