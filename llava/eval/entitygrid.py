@@ -301,10 +301,13 @@ def check_qtypes(qtypes: tuple[str, ...]) -> None:
 
 
 def make_questions(scene: dict, rng: random.Random, k: int = 4, qtypes: tuple[str, ...] = QTYPES,
-                   balanced_counts: bool = False) -> list[tuple[str, str, dict]]:
+                   balanced_counts: bool = False, distinct: bool = False) -> list[tuple[str, str, dict]]:
     """Up to `k` questions of distinct types from `qtypes` in random order (types the scene cannot support are
-    skipped; if k exceeds the number of types, types repeat). The defaults make the evaluation splits; `qtypes`
-    and `balanced_counts` (see `_question`) are training-curriculum knobs."""
+    skipped; if k exceeds the number of types, types repeat). The defaults make the evaluation splits; `qtypes`,
+    `balanced_counts` (see `_question`) and `distinct` are training-curriculum knobs. `distinct` redraws a
+    question already asked of this image: a training record holds all of an image's questions as turns, and
+    under complementary masking a repeated question's answer sits unmasked in the other turn (41 % of the
+    count-only grid records repeat one otherwise)."""
     check_qtypes(qtypes)
     order = list(qtypes)
     rng.shuffle(order)
@@ -314,28 +317,29 @@ def make_questions(scene: dict, rng: random.Random, k: int = 4, qtypes: tuple[st
             break
         qtype = order[j % len(order)]
         made = _question(qtype, scene, rng, balanced_counts)
-        if made is not None:
+        if made is not None and not (distinct and any(made[0] == q for q, _, _ in out)):
             q, a, meta = made
             out.append((q, a, {"qtype": qtype, **meta}))
     return out
 
 
 def make_sample(split: str, index: int, seed: int = 0, kind: str = "grid", questions_per_image: int = 4,
-                qtypes: tuple[str, ...] = QTYPES, balanced_counts: bool = False):
+                qtypes: tuple[str, ...] = QTYPES, balanced_counts: bool = False, distinct: bool = False):
     """Image `index` of a split, in memory: (PIL palette image, scene dict, [(question, answer, meta), ...]).
     The image depends only on (kind, split, seed, index); `qtypes` / `balanced_counts` change its questions."""
-    scene, questions = make_scene_questions(split, index, seed, kind, questions_per_image, qtypes, balanced_counts)
+    scene, questions = make_scene_questions(split, index, seed, kind, questions_per_image, qtypes, balanced_counts,
+                                            distinct)
     return render_scene(scene), scene, questions
 
 
 def make_scene_questions(split: str, index: int, seed: int = 0, kind: str = "grid", questions_per_image: int = 4,
-                         qtypes: tuple[str, ...] = QTYPES, balanced_counts: bool = False):
+                         qtypes: tuple[str, ...] = QTYPES, balanced_counts: bool = False, distinct: bool = False):
     """`make_sample` without drawing the image: (scene dict, [(question, answer, meta), ...])."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     rng = _rng(kind, split, seed, index)
     scene = make_scene(rng, kind)
-    questions = make_questions(scene, rng, questions_per_image, qtypes, balanced_counts)
+    questions = make_questions(scene, rng, questions_per_image, qtypes, balanced_counts, distinct)
     w, h = scene["size"]
     for _, _, meta in questions:
         meta.update(kind=kind, image_size=[w, h], n_entities=len(scene["entities"]))
@@ -370,7 +374,7 @@ def to_llava_records(items: list[dict]) -> list[dict]:
 
 def generate(out: str | Path, split: str, n: int, seed: int = 0, seed_offset: int = 0, kind: str = "grid",
              questions_per_image: int = 4, llava: bool = False, qtypes: tuple[str, ...] = QTYPES,
-             balanced_counts: bool = False) -> dict:
+             balanced_counts: bool = False, distinct: bool = False) -> dict:
     """Write n images (indices seed_offset .. seed_offset+n-1) and their items under `out`; return stats
     {"images", "items", "seconds", "images_per_s", "items_per_s", "json"}. With `llava`, also
     `<split>_llava.json`: the same items as LLaVA training records (`to_llava_records`)."""
@@ -381,7 +385,8 @@ def generate(out: str | Path, split: str, n: int, seed: int = 0, seed_offset: in
     items, scenes = [], {}
     start = time.perf_counter()
     for index in range(seed_offset, seed_offset + n):
-        image, scene, questions = make_sample(split, index, seed, kind, questions_per_image, qtypes, balanced_counts)
+        image, scene, questions = make_sample(split, index, seed, kind, questions_per_image, qtypes, balanced_counts,
+                                              distinct)
         stem = f"{split}-{kind}-s{seed}-{index:06d}"
         rel = f"images/{stem}.png"
         image.save(out / rel)
@@ -415,6 +420,9 @@ def main(argv=None) -> int:
     p.add_argument("--balanced-counts", action="store_true",
                    help="count questions name a colour/shape present in the image half of the time (training "
                         "curricula: on few-entity images most counts are otherwise 0)")
+    p.add_argument("--distinct-questions", action="store_true",
+                   help="never ask one image the same question twice (training records hold every question of an "
+                        "image as turns: a repeat's answer is visible in the other turn)")
     args = p.parse_args(argv)
     if args.n < 0 or args.seed_offset < 0 or args.questions_per_image < 1:
         p.error("--n and --seed-offset must be >= 0 and --questions-per-image >= 1")
@@ -424,7 +432,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(f"--qtypes {args.qtypes!r}: {e}")
     stats = generate(args.out, args.split, args.n, args.seed, args.seed_offset, args.kind, args.questions_per_image,
-                     args.llava, qtypes, args.balanced_counts)
+                     args.llava, qtypes, args.balanced_counts, args.distinct_questions)
     print(f"wrote {stats['items']} items on {stats['images']} images to {stats['json']} in {stats['seconds']} s "
           f"({stats['images_per_s']} images/s, {stats['items_per_s']} items/s)")
     return 0

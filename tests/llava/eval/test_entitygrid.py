@@ -211,6 +211,31 @@ def test_training_question_knobs_change_only_the_questions(tmp_path):
         eg.main(["--split", "val", "--n", "1", "--out", str(tmp_path), "--qtypes", "size"])
 
 
+def test_distinct_questions_never_repeat_one_on_an_image_and_change_nothing_else(tmp_path):
+    """Count-only grid records repeat a question often; --distinct-questions redraws repeats. The images, the
+    first question of each image and every answer's truth are unchanged."""
+    eg.main(["--split", "train", "--n", "30", "--out", str(tmp_path / "rep"), "--qtypes", "count", "--balanced-counts"])
+    eg.main(["--split", "train", "--n", "30", "--out", str(tmp_path / "dis"), "--qtypes", "count", "--balanced-counts",
+             "--distinct-questions"])
+    scenes = json.loads((tmp_path / "dis" / "train_scenes.json").read_text())
+    assert json.loads((tmp_path / "rep" / "train_scenes.json").read_text()) == scenes
+
+    def by_image(name):
+        out = {}
+        for it in json.loads((tmp_path / name / "train.json").read_text()):
+            out.setdefault(it["image"], []).append(it)
+        return out
+
+    repeated, distinct = by_image("rep"), by_image("dis")
+    assert any(len({it["question"] for it in its}) < len(its) for its in repeated.values())  # the leak exists
+    for image, its in distinct.items():
+        assert len({it["question"] for it in its}) == len(its) == 4
+        assert its[0]["question"] == repeated[image][0]["question"]
+        for it in its:
+            assert it["answers"] == [_derive(it["question"], scenes[image]["entities"])]
+    assert eg.make_sample("test", 3) == eg.make_sample("test", 3, distinct=False)
+
+
 def test_cli(tmp_path, capsys):
     assert eg.main(["--split", "val", "--n", "3", "--out", str(tmp_path), "--questions-per-image", "2"]) == 0
     assert "wrote 6 items on 3 images" in capsys.readouterr().out
