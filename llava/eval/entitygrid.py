@@ -2,7 +2,7 @@
 
     python -m llava.eval.entitygrid --split test --n 200 --out data/entitygrid [--seed S] [--seed-offset K]
                                     [--kind grid|sparse|single|solo] [--questions-per-image 4]
-                                    [--qtypes count,position] [--balanced-counts]
+                                    [--qtypes count,position] [--balanced-counts] [--distinct-questions]
 
 writes `<out>/<split>.json` (the plain JSON list read by `llava.eval.datasets`: image, question, answers, id,
 meta), `<out>/<split>_scenes.json` (every image's entities, for analysis and tests) and `<out>/images/*.png`.
@@ -30,10 +30,12 @@ Questions (4 per image by default, of distinct types, drawn at random; the image
     count     "How many triangles are there?" / "How many blue shapes are there?" -> "0".."8"
     position  "Is the red circle left or right of the blue square?"  -> "left"/"right" (or above/below); only asked
               about pairs whose extents on that axis do not overlap.
-The answer vocabulary is closed: `ANSWER_VOCAB`. Two knobs exist for training sets only (the defaults make the
+The answer vocabulary is closed: `ANSWER_VOCAB`. Three knobs exist for training sets only (the defaults make the
 evaluation splits, unchanged by them): `--qtypes` restricts the types asked (a type listed twice is asked about
 twice as often), and `--balanced-counts` makes half of the count questions name a colour or shape the image has
-(drawn uniformly, a one-entity image's colour count is 0 for 7 of 8 colours, and a model learns "always 0").
+(drawn uniformly, a one-entity image's colour count is 0 for 7 of 8 colours, and a model learns "always 0"),
+and `--distinct-questions` never asks one image the same question twice (a training record holds all of an
+image's questions as turns).
 
 Item meta (for breakdowns): qtype; kind; image_size [W, H]; n_entities; target (the entity asked about: colour,
 shape, label, box [x0, y0, x1, y1] with x1/y1 exclusive, size); box; size_px (side of the target's box);
