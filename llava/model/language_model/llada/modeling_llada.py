@@ -227,9 +227,10 @@ class LLaDAModel(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.transformer.wte(input_ids)
 
-    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def lm_logits(self, hidden: torch.Tensor, at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final norm + head on `hidden` [..., D], or only on its rows where the bool mask `at` is True ([N, D])."""
         head = self.transformer.wte if self.config.weight_tying else self.transformer.ff_out
-        return F.linear(self.transformer.ln_f(hidden), head.weight)
+        return F.linear(self.transformer.ln_f(hidden if at is None else hidden[at]), head.weight)
 
     def _block(self, block, x, cos, sin, past_kv=None, attn_mask=None, lengths=None, past_lengths=None):
         if self.gradient_checkpointing and self.training:
@@ -274,7 +275,7 @@ class LLaDAModel(nn.Module):
         for i, block in enumerate(self.transformer.blocks):
             past_kv = (prefix_cache.keys[i], prefix_cache.values[i]) if prefix_cache is not None else None
             x, _ = self._block(block, x, cos, sin, past_kv, attention_mask)
-        return self.lm_logits(x if logits_at is None else x[logits_at])
+        return self.lm_logits(x, logits_at)
 
     def _forward_ragged(self, inputs_embeds, prefix_cache, attention_mask, lengths, logits_at=None) -> torch.Tensor:
         B, T, _ = inputs_embeds.shape
@@ -297,7 +298,7 @@ class LLaDAModel(nn.Module):
         for i, block in enumerate(self.transformer.blocks):
             past_kv = (prefix_cache.keys[i], prefix_cache.values[i]) if prefix_cache is not None else None
             x, _ = self._block(block, x, cos, sin, past_kv, None, lengths, past_lengths)
-        return self.lm_logits(x if logits_at is None else x[logits_at])
+        return self.lm_logits(x, logits_at)
 
     def prefill(
         self, inputs_embeds: torch.Tensor, prune_hook: Optional[PruneHook] = None, lengths: Optional[list[int]] = None
