@@ -66,13 +66,23 @@ def test_losses_train_every_head():
     entities = [entity("red", "square", "K", [0, 0, 9, 9]), entity("blue", "circle", "7", [0, 0, 9, 9])]
     per_token = [pv.token_targets(f, entities) for f in found]
     targets.update({k: torch.tensor([t[k] for t in per_token]) for k in pv.TOKEN_TARGETS})
+    targets["density"] = torch.stack([pv.entity_density((0.0, 0.0, 18.0, 18.0), entities, 2)] * 5)
     assert targets["token_colour"][0].tolist() == [pv.ATTRIBUTES["colour"].index("red"), pv.NO_ENTITY,
                                                    pv.ATTRIBUTES["colour"].index("blue"), pv.NO_ENTITY]
-    parts = pv.losses(heads, features, targets)
-    assert set(parts) == {*pv.ATTRIBUTES, "position", *pv.TOKEN_TARGETS}
+    assert set(pv.losses(heads, features, targets)) == {*pv.ATTRIBUTES, "position", *pv.TOKEN_TARGETS}
+    parts = pv.losses(heads, features, targets, density_weight=0.1)
+    assert set(parts) == {*pv.ATTRIBUTES, "position", *pv.TOKEN_TARGETS, "density", "density_sum"}
     assert all(torch.isfinite(v) for v in parts.values())
     sum(parts.values()).backward()
     assert all(p.grad is not None for p in heads.parameters()) and features.grad.abs().sum() > 0
+    with torch.no_grad():  # a map of zeros costs each crop its squared densities, summed over tokens and channels
+        heads.density[1].weight.zero_()
+        heads.density[1].bias.zero_()
+    w = 0.1
+    zero = pv.losses(heads, features, targets, density_weight=w)
+    assert zero["density"].item() == pytest.approx(w * (targets["density"] ** 2).sum((1, 2)).mean().item())
+    assert zero["density_sum"].item() == pytest.approx(w * (targets["density"].sum(1) ** 2).sum(1).mean().item())
+    assert (heads(features)["density"] >= 0).all()
 
 
 def test_killed_run_resumes_to_the_uninterrupted_weights_and_only_the_tower_trains(tmp_path, monkeypatch, capsys):
@@ -118,6 +128,25 @@ def test_bad_flags_and_finished_stage_are_clear_errors(tmp_path, capsys):
     assert "this stage is done" in capsys.readouterr().err
     assert call_main(pv.main, ["--output_dir", str(tmp_path / "x"), *ARGS[:-1], "{not json"]) == 2
     assert "--config_overrides is not JSON" in capsys.readouterr().err
+    for bad in (["--density_views", "2"], ["--density_weight", "-1"]):
+        with pytest.raises(SystemExit):
+            pv.parse_args(["--output_dir", str(tmp_path), "--max_steps", "2", *bad])
+        assert "--density_views needs a --density_weight" in capsys.readouterr().err
+
+
+def test_density_heads_train_on_crops_and_grid_views_and_are_scored_only_when_on(tmp_path):
+    assert call_main(pv.main, ["--output_dir", str(tmp_path / "off"), *ARGS]) == 0
+    off = json.loads((tmp_path / "off" / "val_accuracy.json").read_text())
+    assert not any("count_" in k for k in off)
+    args = ["--output_dir", str(tmp_path / "on"), *ARGS, "--density_weight", "0.1", "--density_views", "1"]
+    assert call_main(pv.main, args) == 0
+    on = json.loads((tmp_path / "on" / "val_accuracy.json").read_text())
+    assert {"grid_view_count_colour_exact", "grid_view_count_shape_mae"} <= set(on)
+    logged = json.loads((tmp_path / "on" / pv.LOG_FILE).read_text().splitlines()[-1])
+    assert {"density", "density_sum", "view_density", "view_density_sum"} <= set(logged)
+    # the density losses reach the tower: its weights differ from the run without them
+    a, b = read_state_dict(tmp_path / "off" / "final"), read_state_dict(tmp_path / "on" / "final")
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("model.vision_tower."))
 
 
 def test_token_positions_are_patch_centres_in_raster_order():
@@ -143,7 +172,7 @@ def test_centre_entities_mark_the_patch_of_each_entity_centre_inside_the_crop():
 
 
 def test_grid_views_mark_entity_centres_on_the_stretched_global_view():
-    pixels, targets = pv.grid_views(0, 2)
+    pixels, targets = pv.grid_views(0, range(2))
     side = pv.SIGLIP_GRID
     assert pixels.shape == (2, 3, pv.SIGLIP_IMAGE_SIZE, pv.SIGLIP_IMAGE_SIZE)
     _, scene, _ = eg.make_sample("val", 0, 0, "grid", questions_per_image=0)
@@ -151,6 +180,37 @@ def test_grid_views_mark_entity_centres_on_the_stretched_global_view():
     expected = {int((e["box"][1] + e["box"][3]) / 2 / h * side) * side + int((e["box"][0] + e["box"][2]) / 2 / w * side)
                 for e in scene["entities"]}
     assert {i for i, m in enumerate(targets["centre"][0].tolist()) if m} == expected
+
+
+def test_entity_density_spreads_each_entity_over_the_patches_it_covers_by_area():
+    entities = [entity("red", "square", "K", [100, 100, 140, 140]),  # 40 px: a quarter in each of 4 patches
+                entity("blue", "circle", "7", [60, 60, 100, 100]),  # a quarter of it inside the crop
+                entity("red", "hexagon", "A", [170, 130, 180, 150])]  # inside one patch
+    density = pv.entity_density((80.0, 80.0, 160.0, 160.0), entities, 4).view(4, 4, -1)
+    red, blue = pv.DENSITY_CHANNELS.index("red"), pv.DENSITY_CHANNELS.index("blue")
+    square = len(pv.ATTRIBUTES["colour"]) + pv.ATTRIBUTES["shape"].index("square")
+    hexagon = len(pv.ATTRIBUTES["colour"]) + pv.ATTRIBUTES["shape"].index("hexagon")
+    assert density[:, :, red].sum().item() == pytest.approx(2.0)  # two red entities, whatever their sizes
+    assert density[:, :, blue].sum().item() == pytest.approx(0.25)  # only the part inside the crop
+    assert density[0, 0, blue].item() == pytest.approx(0.25)
+    assert torch.allclose(density[0:2, 0:2, square], torch.tensor(0.25))  # patches of 40 px from (80, 80)
+    assert density[1, 2, hexagon].item() == pytest.approx(1.0) and density[:, :, hexagon].sum() == pytest.approx(1.0)
+    assert density.shape[-1] == len(pv.DENSITY_CHANNELS) == len(eg.COLOURS) + len(eg.SHAPES)
+
+
+def test_density_counts_score_the_summed_map_against_the_true_counts():
+    _, targets = pv.grid_views(0, range(2))
+    _, scene, _ = eg.make_sample("val", 0, 0, "grid", questions_per_image=0)
+    truth = targets["density"][0].sum(0)
+    for i, colour in enumerate(eg.COLOURS):  # every entity lies inside the global view: whole counts
+        assert truth[i].item() == pytest.approx(sum(e["colour"] == colour for e in scene["entities"]), abs=1e-4)
+    perfect = pv.density_count_scores({"density": targets["density"]}, targets, "v_")
+    assert perfect == {"v_count_colour_exact": 1.0, "v_count_colour_mae": 0.0,
+                       "v_count_shape_exact": 1.0, "v_count_shape_mae": 0.0}
+    off = pv.density_count_scores({"density": targets["density"] * 0}, targets)
+    assert off["count_colour_mae"] == pytest.approx(truth[:len(eg.COLOURS)].mean().item() / 2
+                                                    + targets["density"][1].sum(0)[:len(eg.COLOURS)].mean().item() / 2,
+                                                    abs=1e-3)
 
 
 def test_head_vocabularies_are_the_generators():
