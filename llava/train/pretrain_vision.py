@@ -196,14 +196,20 @@ def draw_entity_crop(rng: random.Random, width: int, height: int, entities: list
     return (min(max(cx - side / 2, 0.0), width - side), min(max(cy - side / 2, 0.0), height - side), side, side), index
 
 
-def make_batch(seed: int, step: int, n_crops: int, kinds: list[str], n_images: int, split: str
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def stack_targets(targets: dict[str, list]) -> dict[str, torch.Tensor]:
+    """Per-sample target lists -> tensors ("density" holds per-sample tensors, the others lists of numbers)."""
+    return {k: torch.stack(v) if k == "density" else torch.tensor(v) for k, v in targets.items()}
+
+
+def make_batch(seed: int, step: int, n_crops: int, kinds: list[str], n_images: int, split: str,
+               density: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Crops [n_crops,3,CROP_PX,CROP_PX] (LaViDa's preprocessing) of one step, CROPS_PER_IMAGE per image; per
     attribute the class of the entity each is centred on [n_crops], and per token [n_crops, CROP_GRID²] "centre"
     (1 where any entity's centre lies in the patch) and "token_<k>" (that entity's class, NO_ENTITY elsewhere),
-    and "density" [n_crops, CROP_GRID², channels] (`entity_density`): a pure function of (seed, step)."""
+    and with `density` "density" [n_crops, CROP_GRID², channels] (`entity_density`; a loop over every entity of
+    every crop, so only when asked): a pure function of (seed, step)."""
     rng = random.Random(f"pretrain-vision-crops/{split}/{seed}/{step}")
-    pixels, targets = [], {k: [] for k in (*ATTRIBUTES, *TOKEN_TARGETS, "density")}
+    pixels, targets = [], {k: [] for k in (*ATTRIBUTES, *TOKEN_TARGETS, *(["density"] if density else []))}
     while len(pixels) < n_crops:
         kind = rng.choice(kinds)
         image, scene, _ = eg.make_sample(split, rng.randrange(n_images), seed, kind, questions_per_image=0)
@@ -216,9 +222,9 @@ def make_batch(seed: int, step: int, n_crops: int, kinds: list[str], n_images: i
                 targets[k].append(classes.index(scene["entities"][index][k]))
             for k, v in token_targets(centre_entities(crop, scene["entities"], CROP_GRID), scene["entities"]).items():
                 targets[k].append(v)
-            targets["density"].append(entity_density(crop, scene["entities"], CROP_GRID))
-    density = torch.stack(targets.pop("density"))
-    return torch.stack(pixels), {**{k: torch.tensor(v) for k, v in targets.items()}, "density": density}
+            if density:
+                targets["density"].append(entity_density(crop, scene["entities"], CROP_GRID))
+    return torch.stack(pixels), stack_targets(targets)
 
 
 def density_losses(predicted: torch.Tensor, target: torch.Tensor, weight: float) -> dict[str, torch.Tensor]:
@@ -274,23 +280,24 @@ def density_count_scores(out: dict[str, torch.Tensor], targets: dict[str, torch.
     return acc
 
 
-def grid_views(seed: int, indices, split: str = "val") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def grid_views(seed: int, indices, split: str = "val", density: bool = False
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The global 384² view (LaViDa's distorting resize) of the grid images `indices` of `split`, with the per-token
-    targets of its 27x27 patches (and their count densities): where the LM's pooled tokens come from, with
-    entities far smaller than crops'."""
-    pixels, targets = [], {k: [] for k in (*TOKEN_TARGETS, "density")}
+    targets of its 27x27 patches (and with `density` their count densities): where the LM's pooled tokens come
+    from, with entities far smaller than crops'."""
+    pixels, targets = [], {k: [] for k in (*TOKEN_TARGETS, *(["density"] if density else []))}
     for i in indices:
         image, scene, _ = eg.make_sample(split, i, seed, "grid", questions_per_image=0)
         pixels.append(image_to_tensor(image.convert("RGB"), SIGLIP_IMAGE_SIZE))
         w, h = scene["size"]  # the view is the image stretched to a square: scale the boxes to the width
         squashed = [{**e, "box": [e["box"][0], e["box"][1] * w / h, e["box"][2], e["box"][3] * w / h]}
                     for e in scene["entities"]]
-        found = centre_entities((0.0, 0.0, float(w), float(w)), squashed, SIGLIP_GRID)
-        for k, v in token_targets(found, squashed).items():
+        view = (0.0, 0.0, float(w), float(w))
+        for k, v in token_targets(centre_entities(view, squashed, SIGLIP_GRID), squashed).items():
             targets[k].append(v)
-        targets["density"].append(entity_density((0.0, 0.0, float(w), float(w)), squashed, SIGLIP_GRID))
-    density = torch.stack(targets.pop("density"))
-    return torch.stack(pixels), {**{k: torch.tensor(v) for k, v in targets.items()}, "density": density}
+        if density:
+            targets["density"].append(entity_density(view, squashed, SIGLIP_GRID))
+    return torch.stack(pixels), stack_targets(targets)
 
 
 @torch.no_grad()
@@ -299,7 +306,7 @@ def accuracy(tower, heads: CropHeads, seed: int, kinds: list[str], n_crops: int,
     """Per attribute, the share of val-split crops whose centre entity the heads name right; the position R²;
     the centre-token scores on the crops and ("grid_view_"), on whole grid images' global views, where with
     `density` the count densities' sums are also scored against the true counts."""
-    pixels, targets = make_batch(seed, 0, n_crops, kinds, 1000, "val")
+    pixels, targets = make_batch(seed, 0, n_crops, kinds, 1000, "val", density)
     features = tower(pixels).features
     out = heads(features)
     acc = {k: round((out[k].argmax(-1) == targets[k]).float().mean().item(), 4) for k in ATTRIBUTES}
@@ -308,7 +315,7 @@ def accuracy(tower, heads: CropHeads, seed: int, kinds: list[str], n_crops: int,
                                / ((truth - truth.mean((0, 1))) ** 2).sum().item(), 4)
     acc.update(centre_token_scores(out, targets))
     if n_grid_views:
-        views, view_targets = grid_views(seed, range(n_grid_views))
+        views, view_targets = grid_views(seed, range(n_grid_views), density=density)
         view_out = heads(tower(views).features)
         acc.update(centre_token_scores(view_out, view_targets, "grid_view_"))
         if density:
@@ -400,12 +407,13 @@ def pretrain(args: argparse.Namespace) -> dict:
     tower.train()
     t0, window, logged = time.time(), {}, start  # losses are logged as means over the logging window
     for step in range(start, args.max_steps):
-        pixels, targets = make_batch(args.seed, step, args.batch_size, args.kinds, args.n_images, "train")
+        pixels, targets = make_batch(args.seed, step, args.batch_size, args.kinds, args.n_images, "train",
+                                     args.density_weight > 0)
         parts = losses(heads, tower(pixels).features, targets, args.density_weight)
         if args.density_views:
             rng = random.Random(f"pretrain-vision-views/{args.seed}/{step}")  # a pure function of (seed, step)
             indices = [rng.randrange(args.n_images) for _ in range(args.density_views)]
-            views, view_targets = grid_views(args.seed, indices, "train")
+            views, view_targets = grid_views(args.seed, indices, "train", density=True)
             view_density = heads(tower(views).features)["density"]
             parts.update({f"view_{k}": v for k, v in
                           density_losses(view_density, view_targets["density"], args.density_weight).items()})

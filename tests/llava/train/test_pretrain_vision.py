@@ -167,6 +167,9 @@ def test_centre_entities_mark_the_patch_of_each_entity_centre_inside_the_crop():
     assert [i for i, m in enumerate(targets["centre"]) if m] == [5, 10]
     assert targets["token_shape"][10] == pv.ATTRIBUTES["shape"].index("hexagon") and targets["token_shape"][0] < 0
     batch = pv.make_batch(0, 0, 6, ["grid"], 4, "train")[1]
+    with_density = pv.make_batch(0, 0, 6, ["grid"], 4, "train", density=True)[1]
+    assert "density" not in batch and with_density["density"].shape == (6, pv.CROP_GRID ** 2, len(pv.DENSITY_CHANNELS))
+    assert all(torch.equal(batch[k], with_density[k]) for k in batch)  # the density targets change nothing else
     assert batch["centre"].shape == (6, pv.CROP_GRID ** 2) and (batch["centre"].sum(1) >= 1).all()  # own entity
     assert torch.equal(batch["token_colour"] != pv.NO_ENTITY, batch["centre"] > 0.5)
 
@@ -199,7 +202,7 @@ def test_entity_density_spreads_each_entity_over_the_patches_it_covers_by_area()
 
 
 def test_density_counts_score_the_summed_map_against_the_true_counts():
-    _, targets = pv.grid_views(0, range(2))
+    _, targets = pv.grid_views(0, range(2), density=True)
     _, scene, _ = eg.make_sample("val", 0, 0, "grid", questions_per_image=0)
     truth = targets["density"][0].sum(0)
     for i, colour in enumerate(eg.COLOURS):  # every entity lies inside the global view: whole counts
