@@ -30,6 +30,9 @@ Questions (4 per image by default, of distinct types, drawn at random; the image
     count     "How many triangles are there?" / "How many blue shapes are there?" -> "0".."8"
     position  "Is the red circle left or right of the blue square?"  -> "left"/"right" (or above/below); only asked
               about pairs whose extents on that axis do not overlap.
+    shape_of_colour "What shape is red?"                             -> "circle"; only asked of a colour exactly one
+              entity has. Opt-in (`--qtypes`; not in the evaluation splits): the colour of a small entity
+              survives downsampling, its shape does not, so it is a fine-detail question that needs no letter read.
 The answer vocabulary is closed: `ANSWER_VOCAB`. Three knobs exist for training sets only (the defaults make the
 evaluation splits, unchanged by them): `--qtypes` restricts the types asked (a type listed twice is asked about
 twice as often), and `--balanced-counts` makes half of the count questions name a colour or shape the image has
@@ -66,6 +69,7 @@ import math
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -75,7 +79,10 @@ from llava.constants import DEFAULT_IMAGE_TOKEN, SIGLIP_IMAGE_SIZE
 GENERATOR_VERSION = "entitygrid-v1"
 SPLITS = ("train", "val", "test")
 KINDS = ("grid", "sparse", "single", "solo")
-QTYPES = ("label", "colour", "shape", "count", "position")
+QTYPES = ("label", "colour", "shape", "count", "position")  # the evaluation splits' types (the default)
+# every known type: QTYPES plus the opt-in ones, which training sets and probes may ask (--qtypes) and the
+# evaluation splits do not, so adding one never changes a committed split
+ALL_QTYPES = QTYPES + ("shape_of_colour",)
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -250,6 +257,17 @@ def _question(qtype: str, scene: dict, rng: random.Random, balanced_counts: bool
     ents = scene["entities"]
     if not ents:
         return None
+    if qtype == "shape_of_colour":
+        # the colour is seen at any resolution, the shape of a small entity only at native resolution
+        by_colour = Counter(e["colour"] for e in ents)
+        unique = [e for e in ents if by_colour[e["colour"]] == 1]
+        if not unique:
+            return None
+        e = rng.choice(unique)
+        geo = _geometry(e, w, h)
+        return (f"What shape is {e['colour']}?", e["shape"],
+                {"target": dict(e), "box": geo["box"], "center_dist": geo["center_dist"],
+                 **_size_fields(e["size"], w, h)})
     if qtype in ("label", "colour", "shape"):
         e = rng.choice(ents)
         if qtype == "label":
@@ -297,9 +315,9 @@ def _question(qtype: str, scene: dict, rng: random.Random, balanced_counts: bool
 
 def check_qtypes(qtypes: tuple[str, ...]) -> None:
     """Raise ValueError unless `qtypes` is a non-empty list of known question types."""
-    unknown = set(qtypes) - set(QTYPES)
+    unknown = set(qtypes) - set(ALL_QTYPES)
     if unknown or not qtypes:
-        raise ValueError(f"question types {sorted(unknown) or '(none)'}: choose from {', '.join(QTYPES)}")
+        raise ValueError(f"question types {sorted(unknown) or '(none)'}: choose from {', '.join(ALL_QTYPES)}")
 
 
 def make_questions(scene: dict, rng: random.Random, k: int = 4, qtypes: tuple[str, ...] = QTYPES,
@@ -418,7 +436,8 @@ def main(argv=None) -> int:
     p.add_argument("--questions-per-image", type=int, default=4)
     p.add_argument("--llava", action="store_true", help="also write <split>_llava.json (LLaVA training records)")
     p.add_argument("--qtypes", default=",".join(QTYPES),
-                   help=f"comma-separated question types to ask (training curricula; default all: {','.join(QTYPES)})")
+                   help=f"comma-separated question types to ask (training curricula; default the evaluation set's "
+                        f"{','.join(QTYPES)}; known: {','.join(ALL_QTYPES)})")
     p.add_argument("--balanced-counts", action="store_true",
                    help="count questions name a colour/shape present in the image half of the time (training "
                         "curricula: on few-entity images most counts are otherwise 0)")

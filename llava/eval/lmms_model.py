@@ -11,7 +11,9 @@ model_base)`), `prune_method` (default shirg), any option of that method (`keep_
 temperature 0); the answer length is the task's `max_new_tokens` (16 for ChartQA / VQAv2, 32 for DocVQA in
 lmms-eval's task files, LaViDa's settings), block length min(128, that); the decoded answer is cut at the first
 `until` string. The prompt is the `llada` template around `<image>\\n` + the task's context (question and
-post-prompt), as `llava.eval.evaluate` builds it; SHIRG's text relevance sees the context.
+post-prompt), as `llava.eval.evaluate` builds it. SHIRG's text relevance scores the doc's bare `question` field
+when it has one (lmms-eval's ChartQA, DocVQA and VQAv2 docs and this project's EntityGrid task do), as the
+harness does, and the whole context otherwise (`relevance_text`).
 
 Registration: setup.py declares the entry point `lmms_eval.models: shirg_lavida = llava.eval.lmms_model:manifest`
 (lmms-eval >= 0.7 reads that group), and importing this module with lmms-eval installed also registers the class
@@ -145,12 +147,14 @@ class ShirgLavida(_Base):
                 ids, images, qids = [], [], []
                 for i in chunk:
                     context, _, doc_to_visual, doc_id, task, split = requests[i].args[:6]
-                    visuals = [load_image(v) for v in (doc_to_visual(self.task_dict[task][split][doc_id]) or [])]
+                    doc = self.task_dict[task][split][doc_id]
+                    visuals = [load_image(v) for v in (doc_to_visual(doc) or [])]
                     if len(visuals) > 1:
                         raise InputError(f"{MODEL_NAME}: {task} doc {doc_id} has {len(visuals)} images; "
                                          "LaViDa's prompt takes one")
                     text = context.replace("<image>", "").strip()
-                    prompt_ids, question_ids = inference_ids(self.tokenizer, text, with_image=bool(visuals))
+                    prompt_ids, question_ids = inference_ids(self.tokenizer, relevance_text(doc, text), text,
+                                                             with_image=bool(visuals))
                     ids.append(prompt_ids)
                     images.append(visuals)
                     qids.append(question_ids)
@@ -165,6 +169,15 @@ class ShirgLavida(_Base):
                 progress.update(len(chunk))
         progress.close()
         return answers
+
+
+def relevance_text(doc: Any, context: str) -> str:
+    """The text SHIRG scores its tokens against: the doc's bare `question` when it has one, else the context.
+    lmms-eval's context is the question with the task's answer-format instruction appended ("Answer the question
+    using a single word or phrase."); the harness scores the bare question, and scoring the instruction's words
+    too changes which fovea tokens are kept, so the two runners would select differently on the same item."""
+    question = doc.get("question") if isinstance(doc, dict) else None
+    return question.strip() if isinstance(question, str) and question.strip() else context
 
 
 def manifest():

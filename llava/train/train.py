@@ -241,7 +241,11 @@ def validate_args(margs: ModelArguments, dargs: DataArguments, targs: TrainingAr
     elif margs.lora_config:
         raise InputError("--lora_config is given but --lora_enable is off")
     if targs.deepspeed:
-        read_deepspeed_config(targs.deepspeed)
+        ds_cfg = read_deepspeed_config(targs.deepspeed)
+        if margs.bits < 16 and (ds_cfg.get("zero_optimization") or {}).get("stage") == 3:
+            raise InputError(f"--bits {margs.bits} with ZeRO stage 3 ({targs.deepspeed}): ZeRO-3 partitions every "
+                             "parameter across ranks, and bitsandbytes' packed 4/8-bit weights cannot be split; use "
+                             "ZeRO-2 (scripts/zero2.json), which shards only the trainable LoRA / projector state")
         try:
             import deepspeed  # noqa: F401
         except ImportError as e:

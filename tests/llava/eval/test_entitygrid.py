@@ -71,6 +71,8 @@ def _derive(question: str, entities: list) -> str:
         return one(label=m[1])["colour"]
     if m := re.fullmatch(r"What shape is labelled (\w)\?", question):
         return one(label=m[1])["shape"]
+    if m := re.fullmatch(r"What shape is (\w+)\?", question):
+        return one(colour=m[1])["shape"]  # asked only of a colour exactly one entity has
     if m := re.fullmatch(r"How many (\w+)s are there\?", question):
         return str(sum(e["shape"] == m[1] for e in entities))
     if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
@@ -97,6 +99,19 @@ def test_answers_match_the_recorded_entities(written):
             assert meta["target"] in entities
         if meta["qtype"] == "position":
             assert meta["reference"] in entities and meta["axis"] in ("x", "y")
+
+
+def test_shape_of_colour_is_opt_in_and_names_a_colour_one_entity_has():
+    asked = 0
+    for i in range(20):
+        scene, questions = eg.make_scene_questions("test", i, 0, "grid", 2, ("shape_of_colour",))
+        for question, answer, meta in questions:
+            asked += 1
+            assert answer == _derive(question, scene["entities"]) and meta["target"] in scene["entities"]
+            assert meta["size_bucket"] in ("native", "mid", "global")
+        _, default = eg.make_scene_questions("test", i, 0, "grid")
+        assert all(meta["qtype"] != "shape_of_colour" for _, _, meta in default)  # the evaluation splits never ask it
+    assert asked >= 15  # most grids have a colour only one entity wears
 
 
 def test_scene_geometry_and_uniqueness(written):

@@ -7,6 +7,7 @@ import pytest
 
 from llava.conversation import build_prompt
 from llava.errors import InputError
+from llava.eval.datasets import SHORT_ANSWER_SUFFIX
 from llava.eval.evaluate import decode_answer
 from llava.eval.lmms_model import MODEL_NAME, ShirgLavida
 from llava.mm_utils import load_image, tokenizer_image_token
@@ -65,6 +66,30 @@ def test_until_cuts_the_answer(lmms_model, data_root):
     got = lmms_model.generate_until([StubInstance((doc["q"], {"max_new_tokens": 8, "until": stop}, doc_to_visual,
                                                    0, "fix", "test"))])
     assert got == [full.split(stop, 1)[0].strip()]
+
+
+def test_shirg_scores_the_bare_question_as_the_harness_does(lmms_model, data_root, monkeypatch):
+    """lmms-eval's context carries the task's answer instruction; SHIRG's relevance must see the doc's question
+    (what `llava.eval.evaluate` passes), or the two runners keep different fovea tokens on the same item."""
+    question = "What is the value of the tallest bar?"
+    context = f"<image>\n{question}{SHORT_ANSWER_SUFFIX}"
+    docs = [{"image": str(data_root / "chartqa/png/chart_a.png"), "question": question},
+            {"image": str(data_root / "chartqa/png/chart_a.png")}]  # no question field: the context is scored
+    lmms_model.task_dict = {"fix": {"test": docs}}
+    seen = []
+    generate_batch = lmms_model.model.generate_batch
+
+    def spy(ids, images, **kwargs):
+        seen.extend(kwargs["question_ids"])
+        return generate_batch(ids, images, **kwargs)
+
+    monkeypatch.setattr(lmms_model.model, "generate_batch", spy)
+    requests = [StubInstance((context, {"max_new_tokens": 4}, doc_to_visual, i, "fix", "test")) for i in (0, 1)]
+    lmms_model.generate_until(requests)
+    tok = lmms_model.tokenizer
+    assert seen == [tok(question, add_special_tokens=False).input_ids,
+                    tok(question + SHORT_ANSWER_SUFFIX, add_special_tokens=False).input_ids]
+    assert seen[0] != seen[1]
 
 
 def test_settings_and_unsupported_requests(lmms_model, sharp_checkpoint):

@@ -1,6 +1,7 @@
 """The trainer end to end on the built-in small model: loss goes down (8 samples overfit), kill-and-resume ends
 with the weights of an uninterrupted run, 2 gloo processes equal 1 process with doubled accumulation, DeepSpeed
-ZeRO-2 on CPU equals the torch engine, QLoRA 4-bit trains, and bad input gets one clear line."""
+ZeRO-2 on CPU equals the torch engine (also with the LM in 4 bits), QLoRA 4-bit trains, and bad input gets one
+clear line."""
 import json
 import shutil
 import signal
@@ -119,17 +120,20 @@ def test_two_processes_equal_one_with_doubled_accumulation(data8, tmp_path, trai
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_on_cpu_equals_the_torch_engine(data8, tmp_path, train_main):
+@pytest.mark.parametrize("bits", ["16", "4"])
+def test_deepspeed_zero2_on_cpu_equals_the_torch_engine(data8, tmp_path, train_main, bits):
     """DeepSpeed ZeRO-2 (one CPU process; its first init on a machine JIT-builds a small comm op) for 2 LoRA
-    steps: the adapter equals the torch engine's within fp32 tolerance, and the checkpoint holds DeepSpeed's
-    state."""
-    args = ["--max_steps", "2", "--lora_enable", "True", "--save_steps", "2"]
+    steps, with the LM in full precision and in bitsandbytes NF4 (QLoRA: ZeRO-2 shards only the trainable
+    state, the packed weights stay whole): the adapter equals the torch engine's within fp32 tolerance, and the
+    checkpoint holds DeepSpeed's state."""
+    args = ["--max_steps", "2", "--lora_enable", "True", "--save_steps", "2", "--bits", bits]
     out = tmp_path / "ds"
     proc = subprocess.run([sys.executable, "-m", "llava.train.train", "--deepspeed", REPO / "scripts" / "zero2.json",
                            *map(str, common(data8, out, *args))],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "engine deepspeed" in proc.stderr
+    assert ("quantised LM linear layers: 28" in proc.stderr) == (bits == "4")
     assert (out / "checkpoint-2" / "deepspeed").is_dir()
     code, err = train_main(*common(data8, tmp_path / "torch", *args))
     assert code == 0, err
@@ -204,6 +208,13 @@ def test_missing_deepspeed_config(data8, tmp_path, train_main):
     code, err = train_main(*common(data8, tmp_path / "run", "--deepspeed", tmp_path / "zero9.json"))
     assert code == 2 and f"--deepspeed {tmp_path / 'zero9.json'}: no such file" in one_error_line(err)
     assert not (tmp_path / "run").exists()  # checked before anything is loaded or written
+
+
+def test_bits_with_zero3_is_refused_before_loading(data8, tmp_path, train_main):
+    code, err = train_main(*common(data8, tmp_path / "run", "--lora_enable", "True", "--bits", "4",
+                                   "--deepspeed", REPO / "scripts" / "zero3.json"))
+    assert code == 2 and "--bits 4 with ZeRO stage 3" in one_error_line(err) and "zero2.json" in one_error_line(err)
+    assert not (tmp_path / "run").exists()
 
 
 def test_truncated_resume_checkpoint_is_named(data8, tmp_path, train_main):
