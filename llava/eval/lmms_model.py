@@ -177,7 +177,7 @@ def relevance_text(doc: Any, context: str) -> str:
     using a single word or phrase."); the harness scores the bare question, and scoring the instruction's words
     too changes which fovea tokens are kept, so the two runners would select differently on the same item."""
     question = doc.get("question") if isinstance(doc, dict) else None
-    return question.strip() if isinstance(question, str) and question.strip() else context
+    return question if isinstance(question, str) and question.strip() else context  # as given, as the harness passes it
 
 
 def manifest():
