@@ -248,6 +248,12 @@ def _separated(a: dict, b: dict, axis: str) -> bool:
     return a["box"][i1] <= b["box"][i0] or b["box"][i1] <= a["box"][i0]
 
 
+def _target_meta(e: dict, w: int, h: int) -> dict:
+    """Item meta of a question about one entity: the entity, its box, distance from the centre and size fields."""
+    geo = _geometry(e, w, h)
+    return {"target": dict(e), "box": geo["box"], "center_dist": geo["center_dist"], **_size_fields(e["size"], w, h)}
+
+
 def _question(qtype: str, scene: dict, rng: random.Random, balanced_counts: bool = False
               ) -> tuple[str, str, dict] | None:
     """(question, answer, meta) of one type, or None when the scene cannot support that type. With
@@ -264,10 +270,7 @@ def _question(qtype: str, scene: dict, rng: random.Random, balanced_counts: bool
         if not unique:
             return None
         e = rng.choice(unique)
-        geo = _geometry(e, w, h)
-        return (f"What shape is {e['colour']}?", e["shape"],
-                {"target": dict(e), "box": geo["box"], "center_dist": geo["center_dist"],
-                 **_size_fields(e["size"], w, h)})
+        return f"What shape is {e['colour']}?", e["shape"], _target_meta(e, w, h)
     if qtype in ("label", "colour", "shape"):
         e = rng.choice(ents)
         if qtype == "label":
@@ -276,9 +279,7 @@ def _question(qtype: str, scene: dict, rng: random.Random, balanced_counts: bool
             q, a = f"What colour is the shape labelled {e['label']}?", e["colour"]
         else:
             q, a = f"What shape is labelled {e['label']}?", e["shape"]
-        geo = _geometry(e, w, h)
-        return q, a, {"target": dict(e), "box": geo["box"], "center_dist": geo["center_dist"],
-                      **_size_fields(e["size"], w, h)}
+        return q, a, _target_meta(e, w, h)
     if qtype == "count":
         present = balanced_counts and rng.random() < 0.5
         if rng.random() < 0.5:
