@@ -216,6 +216,11 @@ def read_deepspeed_config(path: str) -> dict:
     return cfg
 
 
+def zero_stage(cfg: dict) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when it has no zero_optimization block)."""
+    return int((cfg.get("zero_optimization") or {}).get("stage", 0))
+
+
 def validate_args(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments, need_output: bool = True):
     """Everything that can be checked before the model loads; returns (method, options, lora spec, parts)."""
     from llava.train.lora import DEFAULT_LORA_CONFIG, read_lora_config, require_bitsandbytes
@@ -242,7 +247,7 @@ def validate_args(margs: ModelArguments, dargs: DataArguments, targs: TrainingAr
         raise InputError("--lora_config is given but --lora_enable is off")
     if targs.deepspeed:
         ds_cfg = read_deepspeed_config(targs.deepspeed)
-        if margs.bits < 16 and (ds_cfg.get("zero_optimization") or {}).get("stage") == 3:
+        if margs.bits < 16 and zero_stage(ds_cfg) == 3:
             raise InputError(f"--bits {margs.bits} with ZeRO stage 3 ({targs.deepspeed}): ZeRO-3 partitions every "
                              "parameter across ranks, and bitsandbytes' packed 4/8-bit weights cannot be split; use "
                              "ZeRO-2 (scripts/zero2.json), which shards only the trainable LoRA / projector state")
@@ -658,7 +663,7 @@ class DeepSpeedEngine:
     def __init__(self, step_module: TrainStep, optimizer, scheduler, config: dict, setup: TrainSetup):
         import deepspeed
 
-        self.stage = int(config.get("zero_optimization", {}).get("stage", 0))
+        self.stage = zero_stage(config)
         if self.stage == 3:
             register_zero3_external_parameters(step_module)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
