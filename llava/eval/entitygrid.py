@@ -1,7 +1,7 @@
 """EntityGrid-QA: a seeded synthetic VQA set of small labelled shapes on large images.
 
     python -m llava.eval.entitygrid --split test --n 200 --out data/entitygrid [--seed S] [--seed-offset K]
-                                    [--kind grid|sparse|single|solo] [--questions-per-image 4]
+                                    [--kind grid|sparse|medium|single|solo] [--questions-per-image 4]
                                     [--qtypes count,position] [--balanced-counts] [--distinct-questions]
 
 writes `<out>/<split>.json` (the plain JSON list read by `llava.eval.datasets`: image, question, answers, id,
@@ -18,6 +18,8 @@ What an image holds (kind "grid", the evaluation set):
   resolution; positions uniform over the image, non-overlapping (≥ 4 px apart), on a faint background grid.
 Kind "sparse" (the curriculum's bridge to grids): a grid's image sizes and entity sizes, but 4..8 entities, so
 counting and finding a named pair stay possible while the model meets grid-scale images and entities.
+Kind "medium" (the curriculum's bridge from "single" to grid-sized entities): "single"'s image sizes with 3..6
+entities of 7–15% of the shorter side (in a 384² view ~20..85 px: one to three cells of a 14×14 pooled map).
 Kind "single" (an early curriculum stage): 384..768 px images with 1..3 large entities (15–35% of the shorter side).
 Kind "solo" (the first curriculum stage): 384..768 px images with ONE entity, 40–80% of the shorter side: the
 answer is in most of the image's tokens, so a model trained from scratch first learns to read the image at all
@@ -78,7 +80,7 @@ from llava.constants import DEFAULT_IMAGE_TOKEN, SIGLIP_IMAGE_SIZE
 
 GENERATOR_VERSION = "entitygrid-v1"
 SPLITS = ("train", "val", "test")
-KINDS = ("grid", "sparse", "single", "solo")
+KINDS = ("grid", "sparse", "medium", "single", "solo")
 QTYPES = ("label", "colour", "shape", "count", "position")  # the evaluation splits' types (the default)
 # every known type: QTYPES plus the opt-in ones, which training sets and probes may ask (--qtypes) and the
 # evaluation splits do not, so adding one never changes a committed split
@@ -158,6 +160,10 @@ def make_scene(rng: random.Random, kind: str = "grid") -> dict:
         w, h = rng.randrange(768, 1537, 16), rng.randrange(768, 1537, 16)
         n = rng.randint(12, 24) if kind == "grid" else rng.randint(4, 8)
         lo, hi = MIN_SIDE, max(MIN_SIDE * 2, 0.09 * max(w, h))
+    elif kind == "medium":
+        w, h = rng.randrange(384, 769, 16), rng.randrange(384, 769, 16)
+        n = rng.randint(3, 6)
+        lo, hi = 0.07 * min(w, h), 0.15 * min(w, h)
     elif kind == "single":
         w, h = rng.randrange(384, 769, 16), rng.randrange(384, 769, 16)
         n = rng.randint(1, 3)
