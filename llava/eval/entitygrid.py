@@ -19,7 +19,7 @@ What an image holds (kind "grid", the evaluation set):
 Kind "sparse" (the curriculum's bridge to grids): a grid's image sizes and entity sizes, but 4..8 entities, so
 counting and finding a named pair stay possible while the model meets grid-scale images and entities.
 Kind "medium" (the curriculum's bridge from "single" to grid-sized entities): "single"'s image sizes with 3..6
-entities of 7–15% of the shorter side (in a 384² view ~20..85 px: one to three cells of a 14×14 pooled map).
+entities of 7–15% of the shorter side (in a 384² view 13..58 px: half a cell to two cells of a 14×14 pooled map).
 Kind "single" (an early curriculum stage): 384..768 px images with 1..3 large entities (15–35% of the shorter side).
 Kind "solo" (the first curriculum stage): 384..768 px images with ONE entity, 40–80% of the shorter side: the
 answer is in most of the image's tokens, so a model trained from scratch first learns to read the image at all

@@ -176,11 +176,11 @@ def test_single_kind_has_few_large_entities(tmp_path):
             assert item["meta"]["size_bucket"] == "global"
 
 
-@pytest.mark.parametrize("kind, sides, n_entities, side_bounds", [
+@pytest.mark.parametrize("kind, image_sides, n_entities, side_bounds", [
     ("sparse", (768, 1536), (4, 8), lambda w, h: (eg.MIN_SIDE, max(2 * eg.MIN_SIDE, 0.09 * max(w, h)))),
     ("medium", (384, 768), (3, 6), lambda w, h: (0.07 * min(w, h), 0.15 * min(w, h))),
 ])
-def test_bridge_kinds_have_their_image_sizes_entity_counts_and_sides(tmp_path, kind, sides, n_entities,
+def test_bridge_kinds_have_their_image_sizes_entity_counts_and_sides(tmp_path, kind, image_sides, n_entities,
                                                                      side_bounds):
     eg.generate(tmp_path, "train", 12, kind=kind)
     scenes = json.loads((tmp_path / "train_scenes.json").read_text())
@@ -188,7 +188,7 @@ def test_bridge_kinds_have_their_image_sizes_entity_counts_and_sides(tmp_path, k
     for scene in scenes.values():
         w, h = scene["size"]
         lo, hi = side_bounds(w, h)
-        assert sides[0] <= w <= sides[1] and sides[0] <= h <= sides[1]
+        assert image_sides[0] <= w <= image_sides[1] and image_sides[0] <= h <= image_sides[1]
         assert n_entities[0] <= len(scene["entities"]) <= n_entities[1]
         assert all(lo - 1 <= e["size"] <= hi + 1 for e in scene["entities"])
     assert {it["meta"]["qtype"] for it in items} >= {"count", "position"}
