@@ -13,10 +13,13 @@ an ORACLE that hands the LM a GRID x GRID token map of the image (the longer sid
 padded single view pooled to 14x14 is) in which every token is a learned embedding of exactly what covers its
 cell centre (the entity's colour and shape, or background), whether an entity's box centre lies in the cell, and
 the cell's row and column (`--paint centre` also paints every entity onto its centre cell, so entities
-smaller than a cell are not lost). Everything the LM sees after that is the real pipeline: the chat template and
-tokenizer in the inference layout, the LLaDA LM at the given dims and init, and LaViDa's complementary-masking
-loss (`llava.train.objective.diffusion_loss`). If the LM cannot learn a question type from these tokens in a
-given budget, no tower will get it there; if it can, the tower is what to fix.
+smaller than a cell are not lost; `--paint density` adds to what covers each cell its share of every entity's
+box area, in that entity's colour and shape, so that part of the map summed over cells is every count at any
+entity size: the oracle of stage 0's density heads, asking whether this LM can sum). Everything the LM sees
+after that is the real pipeline: the chat template and tokenizer in the inference layout, the LLaDA LM at the
+given dims and init, and LaViDa's complementary-masking loss (`llava.train.objective.diffusion_loss`). If the LM
+cannot learn a question type from these tokens in a given budget, no tower will get it there; if it can, the tower
+is what to fix.
 
 Data: `--n_images` scenes of `--kind` from the generator's train split (seeded, a fixed pool as the real stages
 use; questions drawn per sample with balanced counts), evaluated on `--n_eval` val-split questions (the same
@@ -58,7 +61,7 @@ class OracleTokens(nn.Module):
     """Scene -> [GRID*GRID, D] tokens saying, per cell, what covers its centre and where the cell is."""
 
     POSITION_CODES = ("learned", "linear")
-    PAINTS = ("cover", "centre")
+    PAINTS = ("cover", "centre", "density")
 
     def __init__(self, dim: int, grid: int = 14, position_code: str = "learned", paint: str = "cover"):
         """`position_code`: "learned" gives every row and column its own embedding (unordered: which of two
@@ -66,7 +69,10 @@ class OracleTokens(nn.Module):
         [-1, 1] times one learned direction each, the ordered code stage 0's per-token (x, y) regression asks
         of the real tower. `paint`: "cover" says what covers each cell's centre, as a pooled view sees it (an
         entity smaller than a cell may cover none: on 14x14 grid maps 58 % of grid entities do not); "centre"
-        also paints every entity onto the cell holding its box centre, so no entity is lost at any map size."""
+        also paints every entity onto the cell holding its box centre, so no entity is lost at any map size;
+        "density" adds to "cover" the cell's share of each entity's box area (in [0, 1], summing to 1 per
+        entity over the map) times density embeddings of that entity's colour and shape: what a perfect
+        count-density tower (stage 0's density heads next to its attribute heads) would hand the LM."""
         super().__init__()
         if position_code not in self.POSITION_CODES:
             raise ValueError(f"position code {position_code!r} is not one of {self.POSITION_CODES}")
@@ -81,7 +87,12 @@ class OracleTokens(nn.Module):
         self.centre = nn.Embedding(2, dim)
         self.row = nn.Embedding(grid, dim)
         self.col = nn.Embedding(grid, dim)
-        for emb in (self.colour, self.shape, self.centre, self.row, self.col):
+        tables = [self.colour, self.shape, self.centre, self.row, self.col]
+        if paint == "density":  # only then, and last: the other paints' runs keep their seeded init
+            self.colour_density = nn.Embedding(len(eg.COLOURS), dim)
+            self.shape_density = nn.Embedding(len(eg.SHAPES), dim)
+            tables += [self.colour_density, self.shape_density]
+        for emb in tables:
             nn.init.normal_(emb.weight, 0.0, dim ** -0.5)  # the scale of the LM's fan_in-initialised embeddings
 
     def cell_ids(self, scene: dict) -> dict[str, torch.Tensor]:
@@ -106,12 +117,36 @@ class OracleTokens(nn.Module):
             for r, c, colour_id, shape_id in centre_cells:
                 colour[r, c], shape[r, c] = colour_id, shape_id
         rows, cols = torch.meshgrid(torch.arange(self.grid), torch.arange(self.grid), indexing="ij")
-        return {k: v.flatten() for k, v in
-                {"colour": colour, "shape": shape, "centre": centre, "row": rows, "col": cols}.items()}
+        ids = {k: v.flatten() for k, v in
+               {"colour": colour, "shape": shape, "centre": centre, "row": rows, "col": cols}.items()}
+        if self.paint == "density":
+            ids.update(self.cell_mass(scene))
+        return ids
+
+    def cell_mass(self, scene: dict) -> dict[str, torch.Tensor]:
+        """{"colour_mass": [cells, colours], "shape_mass": [cells, shapes]}: each entity's box area split over the
+        cells it overlaps, as fractions of the box (a map summed over cells is every colour's and shape's count)."""
+        side = max(scene["size"]) / self.grid
+        edges = torch.arange(self.grid + 1, dtype=torch.float64) * side
+        colour_mass = torch.zeros(self.grid * self.grid, len(eg.COLOURS))
+        shape_mass = torch.zeros(self.grid * self.grid, len(eg.SHAPES))
+        colours, shapes = list(eg.COLOURS), list(eg.SHAPES)
+        for e in scene["entities"]:
+            x0, y0, x1, y1 = e["box"]
+            # overlap of [x0, x1) with each cell's [edge_i, edge_i+1), per axis; the outer product is the area
+            ox = (torch.clamp(edges[1:], max=x1) - torch.clamp(edges[:-1], min=x0)).clamp(min=0)
+            oy = (torch.clamp(edges[1:], max=y1) - torch.clamp(edges[:-1], min=y0)).clamp(min=0)
+            share = (oy[:, None] * ox[None, :]).flatten() / ((x1 - x0) * (y1 - y0))
+            colour_mass[:, colours.index(e["colour"])] += share.float()
+            shape_mass[:, shapes.index(e["shape"])] += share.float()
+        return {"colour_mass": colour_mass, "shape_mass": shape_mass}
 
     def forward(self, scene: dict) -> torch.Tensor:
         ids = self.cell_ids(scene)
         what = self.colour(ids["colour"]) + self.shape(ids["shape"]) + self.centre(ids["centre"])
+        if self.paint == "density":
+            what = (what + ids["colour_mass"] @ self.colour_density.weight
+                    + ids["shape_mass"] @ self.shape_density.weight)
         if self.position_code == "learned":
             return what + self.row(ids["row"]) + self.col(ids["col"])
         to_unit = 2.0 / max(self.grid - 1, 1)
@@ -223,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "direction each (ordered, like stage 0's regressed positions)")
     p.add_argument("--paint", default="cover", choices=OracleTokens.PAINTS,
                    help="cover: each cell says what covers its centre; centre: every entity is also painted onto "
-                        "the cell of its box centre (none lost, however small)")
+                        "the cell of its box centre (none lost, however small); density: cover plus each cell's "
+                        "share of every entity's box area in that entity's colour and shape (summed: the counts)")
     p.add_argument("--n_images", type=int, default=3000)
     p.add_argument("--n_eval", type=int, default=240)
     p.add_argument("--eval_every", type=int, default=250)

@@ -108,3 +108,22 @@ def test_centre_paint_keeps_an_entity_smaller_than_a_cell():
     assert int((painted["colour"] != background).sum()) == 1
     with pytest.raises(ValueError, match="paint"):
         probe.OracleTokens(8, grid=4, paint="bogus")
+
+
+def test_density_paint_splits_each_entity_over_its_cells_so_the_map_sums_to_the_counts():
+    blue = list(eg.COLOURS)[1]
+    scene = {"size": [400, 400], "entities": [
+        {"colour": "red", "shape": "circle", "label": "A", "box": [50, 0, 150, 100], "size": 100},  # half in 2 cells
+        {"colour": "red", "shape": eg.SHAPES[1], "label": "B", "box": [210, 210, 220, 220], "size": 10},  # in 1
+        {"colour": blue, "shape": "circle", "label": "C", "box": [300, 300, 400, 400], "size": 100}]}
+    oracle = probe.OracleTokens(8, grid=4, paint="density")
+    mass = oracle.cell_mass(scene)
+    red, circle = list(eg.COLOURS).index("red"), eg.SHAPES.index("circle")
+    torch.testing.assert_close(mass["colour_mass"][:2, red], torch.tensor([0.5, 0.5]))
+    assert mass["colour_mass"][10, red] == 1.0 and mass["colour_mass"][15, 1] == 1.0
+    assert mass["colour_mass"].sum(0).tolist()[:2] == [2.0, 1.0] and mass["shape_mass"][:, circle].sum() == 2.0
+    # on top of what covers the cell: cell 0 holds half of the red circle (whose box covers its centre)
+    covered = probe.OracleTokens(8, grid=4, paint="cover")
+    covered.load_state_dict({k: v for k, v in oracle.state_dict().items() if "density" not in k})
+    half = 0.5 * (oracle.colour_density.weight[red] + oracle.shape_density.weight[circle])
+    torch.testing.assert_close(oracle(scene)[0].detach(), (covered(scene)[0] + half).detach())

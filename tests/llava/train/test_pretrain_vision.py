@@ -149,6 +149,19 @@ def test_density_heads_train_on_crops_and_grid_views_and_are_scored_only_when_on
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("model.vision_tower."))
 
 
+def test_centre_views_train_the_per_token_heads_on_grid_views_too(tmp_path, capsys):
+    assert call_main(pv.main, ["--output_dir", str(tmp_path / "off"), *ARGS]) == 0
+    assert call_main(pv.main, ["--output_dir", str(tmp_path / "on"), *ARGS, "--centre_views", "1"]) == 0
+    logged = json.loads((tmp_path / "on" / pv.LOG_FILE).read_text().splitlines()[-1])
+    assert {"view_centre", "view_token_colour", "view_token_shape"} <= set(logged) and "view_density" not in logged
+    assert all(math.isfinite(logged[k]) for k in ("view_centre", "view_token_colour", "view_token_shape"))
+    a, b = read_state_dict(tmp_path / "off" / "final"), read_state_dict(tmp_path / "on" / "final")
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("model.vision_tower."))
+    with pytest.raises(SystemExit):
+        pv.parse_args(["--output_dir", str(tmp_path), "--max_steps", "2", "--centre_views", "-1"])
+    assert "--centre_views must be >= 0" in capsys.readouterr().err
+
+
 def test_token_positions_are_patch_centres_in_raster_order():
     pos = pv.token_positions(4)  # 2x2: (-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5)
     assert torch.equal(pos, torch.tensor([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]]))
