@@ -136,9 +136,9 @@ class OracleTokens(nn.Module):
             # overlap of [x0, x1) with each cell's [edge_i, edge_i+1), per axis; the outer product is the area
             ox = (torch.clamp(edges[1:], max=x1) - torch.clamp(edges[:-1], min=x0)).clamp(min=0)
             oy = (torch.clamp(edges[1:], max=y1) - torch.clamp(edges[:-1], min=y0)).clamp(min=0)
-            share = (oy[:, None] * ox[None, :]).flatten() / ((x1 - x0) * (y1 - y0))
-            colour_mass[:, colours.index(e["colour"])] += share.float()
-            shape_mass[:, shapes.index(e["shape"])] += share.float()
+            share = ((oy[:, None] * ox[None, :]).flatten() / ((x1 - x0) * (y1 - y0))).float()
+            colour_mass[:, colours.index(e["colour"])] += share
+            shape_mass[:, shapes.index(e["shape"])] += share
         return {"colour_mass": colour_mass, "shape_mass": shape_mass}
 
     def forward(self, scene: dict) -> torch.Tensor:

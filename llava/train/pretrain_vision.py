@@ -312,6 +312,13 @@ def grid_views(seed: int, indices, split: str = "val", density: bool = False
     return torch.stack(pixels), stack_targets(targets)
 
 
+def train_view_indices(key: str, seed: int, step: int, n: int, n_images: int) -> list[int]:
+    """`n` train-split grid image indices for one step's extra views: a pure function of (key, seed, step), so a
+    resumed run draws the same views and each kind of view (`key`) its own."""
+    rng = random.Random(f"{key}/{seed}/{step}")
+    return [rng.randrange(n_images) for _ in range(n)]
+
+
 @torch.no_grad()
 def accuracy(tower, heads: CropHeads, seed: int, kinds: list[str], n_crops: int, n_grid_views: int = GRID_VIEW_IMAGES,
              density: bool = False) -> dict[str, float]:
@@ -428,15 +435,14 @@ def pretrain(args: argparse.Namespace) -> dict:
                                      args.density_weight > 0)
         parts = losses(heads, tower(pixels).features, targets, args.density_weight)
         if args.density_views:
-            rng = random.Random(f"pretrain-vision-views/{args.seed}/{step}")  # a pure function of (seed, step)
-            indices = [rng.randrange(args.n_images) for _ in range(args.density_views)]
+            indices = train_view_indices("pretrain-vision-views", args.seed, step, args.density_views, args.n_images)
             views, view_targets = grid_views(args.seed, indices, "train", density=True)
             view_density = heads(tower(views).features)["density"]
             parts.update({f"view_{k}": v for k, v in
                           density_losses(view_density, view_targets["density"], args.density_weight).items()})
         if args.centre_views:
-            rng = random.Random(f"pretrain-vision-centre-views/{args.seed}/{step}")
-            indices = [rng.randrange(args.n_images) for _ in range(args.centre_views)]
+            indices = train_view_indices("pretrain-vision-centre-views", args.seed, step, args.centre_views,
+                                         args.n_images)
             views, view_targets = grid_views(args.seed, indices, "train")
             parts.update({f"view_{k}": v for k, v in
                           centre_token_losses(heads(tower(views).features), view_targets).items()})
